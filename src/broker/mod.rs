@@ -1,0 +1,110 @@
+//! The broker decides who in the cluster receives a message; the hub then delivers it locally.
+//!
+//! [`Broker`] is the small interface between sessions / the HTTP API and message transport.
+//! [`memory::MemoryBroker`] is the embedded default (one node, in-process fan-out); the Redis
+//! broker implements the same trait to carry topic, user, broadcast and control messages
+//! between nodes. A node tells its broker about local interest (first subscriber of a topic,
+//! first connection of a user) so a cluster broker only listens to what this node needs.
+
+pub mod memory;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+
+use crate::hub::ConnId;
+
+/// A publication request: the broker assigns `seq`/`epoch` and fans it out.
+#[derive(Debug, Clone)]
+pub struct TopicMessage {
+    pub topic: String,
+    /// The `type` subscribers see (`route_update`, `metrics`, ...).
+    pub kind: String,
+    pub data: Box<RawValue>,
+}
+
+/// Where the broker put a publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishReceipt {
+    pub seq: u64,
+    pub epoch: String,
+    /// Local subscribers that got it (this node only; other nodes do not report back).
+    pub delivered_here: usize,
+}
+
+/// Who a direct message is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipient {
+    /// Every connection of a user, on every node.
+    User(String),
+    /// One connection (by the id the `connection` message reported).
+    Connection(ConnId),
+    /// Every connection on every node.
+    Everyone,
+}
+
+/// A message for users or connections rather than a topic.
+#[derive(Debug, Clone)]
+pub struct Direct {
+    pub recipient: Recipient,
+    pub kind: String,
+    /// The sender as the server knows it; `None` for backend / HTTP API messages.
+    pub from: Option<String>,
+    pub data: Box<RawValue>,
+    /// The payload arrived as `content` and is repeated under that name.
+    pub as_content: bool,
+}
+
+/// Whom to disconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisconnectTarget {
+    User(String),
+    Client(String),
+}
+
+/// A client message of a type the gateway does not handle itself, for backends.
+#[derive(Debug, Clone)]
+pub struct UpstreamMessage {
+    pub node_id: String,
+    pub conn_id: ConnId,
+    pub client_id: String,
+    pub user_id: Option<String>,
+    /// The client's `type`.
+    pub kind: String,
+    /// The whole message as the client sent it.
+    pub raw: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("no backend is configured to handle message type {0:?}")]
+    NoBackend(String),
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes to a topic cluster-wide.
+    async fn publish(&self, msg: TopicMessage) -> Result<PublishReceipt, BrokerError>;
+
+    /// Sends a direct message cluster-wide; returns how many local connections took it.
+    async fn send(&self, msg: Direct) -> Result<usize, BrokerError>;
+
+    /// Disconnects a user or client on every node; returns how many local connections closed.
+    async fn disconnect(&self, target: DisconnectTarget) -> Result<usize, BrokerError>;
+
+    /// Hands a client message of an unhandled type to the backends.
+    async fn forward_upstream(&self, msg: UpstreamMessage) -> Result<(), BrokerError>;
+
+    /// `topic` gained its first local subscriber (`true`) or lost its last (`false`).
+    fn topic_interest(&self, topic: &str, interested: bool);
+
+    /// `user` gained its first local connection (`true`) or lost its last (`false`).
+    fn user_interest(&self, user: &str, interested: bool);
+
+    /// Whether the broker can carry messages now (for `/readyz`).
+    fn is_ready(&self) -> bool;
+
+    /// `"memory"` or `"redis"`, for `/api/info`.
+    fn name(&self) -> &'static str;
+}

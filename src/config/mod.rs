@@ -1,0 +1,247 @@
+//! Node settings: the one resolved [`Settings`] value every other module reads.
+//!
+//! Settings come from three layers, later ones winning (SPEC section 9):
+//! the YAML file (`file.rs`), then `WSGATE_*` environment variables, then command-line flags
+//! (`cli.rs`; clap resolves env and flag together). [`Settings::validate`] is the single place
+//! that says whether a combination of values can run; `wsgate check-config` prints its findings.
+
+pub mod cli;
+pub mod file;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a node needs to run, fully resolved (no `Option` means "use a default" here).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name in logs, `/api/info` and the `connection` message.
+    pub node_id: String,
+    /// HTTP + WebSocket listener.
+    pub listen: SocketAddr,
+    pub ws: WsSettings,
+    /// Topic namespaces (the part of a topic before the first `:`) and what clients may do there.
+    pub namespaces: HashMap<String, NamespaceSettings>,
+    /// Rules for topics whose namespace is not listed in `namespaces`.
+    pub default_namespace: NamespaceSettings,
+    /// Redis broker URLs; empty means the embedded in-process broker.
+    pub redis_urls: Vec<String>,
+    /// HS256 secret; `Some` turns JWT authentication on (verified in `auth`).
+    pub jwt_secret: Option<String>,
+    /// HTTP API keys; empty means the API answers loopback peers only.
+    pub api_keys: Vec<String>,
+    pub compression: CompressionSettings,
+    /// How long a SIGTERM drain spreads its disconnects.
+    pub drain: Duration,
+}
+
+/// WebSocket endpoint, per-connection limits and timers.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Paths that accept a WebSocket upgrade (`/ws` plus aliases).
+    pub paths: Vec<String>,
+    /// Node-wide connection limit (cluster-wide once the Redis broker is on).
+    pub max_connections: usize,
+    /// Largest inbound message in bytes, all fragments together.
+    pub max_message_size: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Longest topic name in bytes.
+    pub max_topic_length: usize,
+    /// Server WebSocket ping period; also announced to clients in the `connection` message.
+    pub heartbeat_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bytes a connection may have queued or in flight before it counts as a slow consumer.
+    pub send_queue_bytes: usize,
+    /// A write that makes no progress for this long ends the connection.
+    pub write_timeout: Duration,
+    /// Inbound messages per second per connection (token bucket refill rate).
+    pub rate_per_second: f64,
+    /// Inbound burst allowance per connection (token bucket size).
+    pub rate_burst: u32,
+    /// Allowed `Origin` values; empty allows any origin.
+    pub allowed_origins: Vec<String>,
+    /// Whether a client message with an empty `to` may broadcast to every connection.
+    pub allow_client_broadcast: bool,
+}
+
+/// What clients may do in one topic namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceSettings {
+    /// Clients may `publish` to topics of this namespace.
+    pub client_publish: bool,
+}
+
+/// permessage-deflate (RFC 7692) settings; negotiated in the compression issue.
+#[derive(Debug, Clone)]
+pub struct CompressionSettings {
+    pub enabled: bool,
+    /// flate2 level 0-9.
+    pub level: u32,
+    /// Payloads smaller than this many bytes go out uncompressed.
+    pub threshold: usize,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        WsSettings {
+            paths: vec!["/ws".to_string()],
+            max_connections: 10_000,
+            max_message_size: 64 * 1024,
+            max_subscriptions: 128,
+            max_topic_length: 128,
+            heartbeat_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            send_queue_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+            rate_per_second: 50.0,
+            rate_burst: 100,
+            allowed_origins: Vec::new(),
+            allow_client_broadcast: false,
+        }
+    }
+}
+
+impl Default for CompressionSettings {
+    fn default() -> Self {
+        CompressionSettings {
+            enabled: true,
+            level: 1,
+            threshold: 256,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            node_id: generated_node_id(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            ws: WsSettings::default(),
+            namespaces: HashMap::new(),
+            default_namespace: NamespaceSettings::default(),
+            redis_urls: Vec::new(),
+            jwt_secret: None,
+            api_keys: Vec::new(),
+            compression: CompressionSettings::default(),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A setting that cannot run, with the setting's path so the user can find it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct SettingsProblem {
+    pub path: String,
+    pub problem: String,
+}
+
+impl Settings {
+    /// Settings for tests and embedding: defaults on a loopback ephemeral port.
+    pub fn for_loopback() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Settings::default()
+        }
+    }
+
+    /// The namespace rules that apply to `topic`.
+    pub fn namespace_of(&self, topic: &str) -> &NamespaceSettings {
+        topic
+            .split_once(':')
+            .and_then(|(ns, _)| self.namespaces.get(ns))
+            .unwrap_or(&self.default_namespace)
+    }
+
+    /// Every reason these settings cannot run; empty when they can.
+    pub fn validate(&self) -> Vec<SettingsProblem> {
+        let mut problems = Vec::new();
+        let mut bad = |path: &str, problem: String| {
+            problems.push(SettingsProblem {
+                path: path.to_string(),
+                problem,
+            })
+        };
+        if self.node_id.is_empty() {
+            bad("node_id", "must not be empty".into());
+        }
+        if self.ws.paths.is_empty() {
+            bad("websocket.paths", "needs at least one path".into());
+        }
+        for p in &self.ws.paths {
+            if !p.starts_with('/') {
+                bad("websocket.paths", format!("{p:?} must start with '/'"));
+            }
+        }
+        if self.ws.max_connections == 0 {
+            bad("websocket.max_connections", "must be at least 1".into());
+        }
+        if self.ws.max_message_size < 128 {
+            bad(
+                "websocket.max_message_size",
+                format!("{} is below the 128-byte minimum", self.ws.max_message_size),
+            );
+        }
+        if self.ws.max_subscriptions == 0 {
+            bad("websocket.max_subscriptions", "must be at least 1".into());
+        }
+        if self.ws.max_topic_length == 0 {
+            bad("websocket.max_topic_length", "must be at least 1".into());
+        }
+        if self.ws.heartbeat_interval.is_zero() {
+            bad("websocket.heartbeat_interval", "must be positive".into());
+        }
+        if self.ws.idle_timeout <= self.ws.heartbeat_interval {
+            bad(
+                "websocket.idle_timeout",
+                "must be longer than heartbeat_interval, or live clients get cut off".into(),
+            );
+        }
+        if self.ws.send_queue_bytes < self.ws.max_message_size.min(64 * 1024) {
+            bad(
+                "websocket.send_queue_bytes",
+                "must hold at least one message of max_message_size (or 64 KiB)".into(),
+            );
+        }
+        if self.ws.rate_per_second.is_nan() || self.ws.rate_per_second <= 0.0 {
+            bad("websocket.rate_limit.per_second", "must be positive".into());
+        }
+        if self.ws.rate_burst == 0 {
+            bad("websocket.rate_limit.burst", "must be at least 1".into());
+        }
+        if self.compression.level > 9 {
+            bad(
+                "compression.level",
+                format!("{} is outside 0-9", self.compression.level),
+            );
+        }
+        for url in &self.redis_urls {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://"))
+            {
+                bad(
+                    "redis.url",
+                    format!("{url:?} is not a redis:// or rediss:// URL"),
+                );
+            }
+        }
+        if matches!(&self.jwt_secret, Some(s) if s.is_empty()) {
+            bad("auth.jwt_secret", "must not be empty when set".into());
+        }
+        if self.api_keys.iter().any(String::is_empty) {
+            bad("api.keys", "must not contain an empty key".into());
+        }
+        problems
+    }
+}
+
+/// `wsgate-` plus eight random hex digits: unique enough to tell nodes apart in one cluster.
+pub fn generated_node_id() -> String {
+    format!("wsgate-{:08x}", rand::random::<u32>())
+}
+
+pub use cli::{Cli, Command, RunArgs};
+pub use file::{ConfigError, FileConfig};

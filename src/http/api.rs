@@ -1,0 +1,271 @@
+//! The HTTP API for backends and operators (SPEC section 4): publish, send, broadcast,
+//! disconnect, status, presence and node info. Requests pass the API key check in `auth`;
+//! errors use the socket's codes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::json;
+
+use super::{json_error, json_response, Body};
+use crate::auth::{self, AuthError};
+use crate::broker::{Direct, DisconnectTarget, Recipient, TopicMessage};
+use crate::hub::ConnId;
+use crate::node::NodeContext;
+use crate::protocol::codes::ErrorCode;
+use crate::protocol::topic;
+
+/// A refusal, turned into a JSON error response at the edge (`handle`).
+#[derive(Debug)]
+struct ApiError {
+    code: ErrorCode,
+    message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        message: message.into(),
+    }
+}
+
+type ApiResult = Result<Response<Body>, ApiError>;
+
+pub async fn handle(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if let Err(e) = auth::check_api_access(&ctx.settings, req.headers(), peer) {
+        let code = match e {
+            AuthError::NotLoopback => ErrorCode::PermissionDenied,
+            _ => ErrorCode::Unauthorized,
+        };
+        return json_error(code, e.to_string());
+    }
+    let route = (req.method().clone(), req.uri().path().to_string());
+    let result = match (&route.0, route.1.as_str()) {
+        (&Method::GET, "/api/ws/status") => Ok(status(&ctx)),
+        (&Method::GET, "/api/info") => Ok(info(&ctx)),
+        (&Method::GET, "/api/presence") => presence(&ctx, &req),
+        (&Method::POST, "/api/publish") => publish(&ctx, req).await,
+        (&Method::POST, "/api/ws/send") => send(&ctx, req).await,
+        (&Method::POST, "/api/ws/broadcast") => broadcast(&ctx, req).await,
+        (&Method::POST, "/api/disconnect") => disconnect(&ctx, req).await,
+        (_, "/api/ws/status" | "/api/info" | "/api/presence") => {
+            Err(refuse(ErrorCode::MethodNotAllowed, "use GET"))
+        }
+        (_, "/api/publish" | "/api/ws/send" | "/api/ws/broadcast" | "/api/disconnect") => {
+            Err(refuse(ErrorCode::MethodNotAllowed, "use POST"))
+        }
+        (_, path) => Err(refuse(ErrorCode::NotFound, format!("no API route {path}"))),
+    };
+    result.unwrap_or_else(|e| json_error(e.code, e.message))
+}
+
+/// Reads a JSON body of at most `max_message_size` bytes into `T`.
+async fn read_json<T: for<'de> Deserialize<'de>>(ctx: &NodeContext, req: Request<Incoming>) -> Result<T, ApiError> {
+    let limit = ctx.settings.ws.max_message_size;
+    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(refuse(
+                ErrorCode::MessageTooLarge,
+                format!("request body is over the {limit}-byte limit"),
+            ))
+        }
+        Err(e) => {
+            return Err(refuse(
+                ErrorCode::InvalidMessageFormat,
+                format!("could not read the body: {e}"),
+            ))
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| refuse(ErrorCode::InvalidMessageFormat, format!("invalid JSON body: {e}")))
+}
+
+/// The payload of a request: `data`, or `content` (then repeated as `content` to clients).
+fn payload(data: Option<Box<RawValue>>, content: Option<Box<RawValue>>) -> Result<(Box<RawValue>, bool), ApiError> {
+    match (data, content) {
+        (Some(d), _) => Ok((d, false)),
+        (None, Some(c)) => Ok((c, true)),
+        (None, None) => Err(refuse(
+            ErrorCode::InvalidMessageFormat,
+            "the body needs `data` or `content`",
+        )),
+    }
+}
+
+fn require_type(kind: Option<String>) -> Result<String, ApiError> {
+    kind.filter(|k| !k.is_empty())
+        .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "the body needs a non-empty `type`"))
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    topic: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    data: Option<Box<RawValue>>,
+}
+
+async fn publish(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
+    let body: PublishBody = read_json(ctx, req).await?;
+    let topic = body
+        .topic
+        .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "the body needs a `topic`"))?;
+    topic::validate(&topic, ctx.settings.ws.max_topic_length)
+        .map_err(|e| refuse(ErrorCode::InvalidTopic, e.to_string()))?;
+    let kind = require_type(body.kind)?;
+    let (data, _) = payload(body.data, None)?;
+    let receipt = ctx
+        .broker
+        .publish(TopicMessage {
+            topic: topic.clone(),
+            kind,
+            data,
+        })
+        .await
+        .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "topic": topic, "seq": receipt.seq, "epoch": receipt.epoch,
+                "delivered": receipt.delivered_here}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    to: Option<String>,
+    #[serde(rename = "connectionId")]
+    connection_id: Option<ConnId>,
+    data: Option<Box<RawValue>>,
+    content: Option<Box<RawValue>>,
+}
+
+async fn send(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
+    let body: SendBody = read_json(ctx, req).await?;
+    let kind = require_type(body.kind)?;
+    let recipient = match (body.to, body.connection_id) {
+        (Some(to), _) if !to.is_empty() => Recipient::User(to),
+        (_, Some(id)) => Recipient::Connection(id),
+        _ => {
+            return Err(refuse(
+                ErrorCode::InvalidMessageFormat,
+                "the body needs `to` (a user id) or `connectionId`",
+            ))
+        }
+    };
+    let (data, as_content) = payload(body.data, body.content)?;
+    deliver(ctx, Direct { recipient, kind, from: None, data, as_content }).await
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    data: Option<Box<RawValue>>,
+    content: Option<Box<RawValue>>,
+}
+
+async fn broadcast(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
+    let body: BroadcastBody = read_json(ctx, req).await?;
+    let kind = require_type(body.kind)?;
+    let (data, as_content) = payload(body.data, body.content)?;
+    deliver(
+        ctx,
+        Direct { recipient: Recipient::Everyone, kind, from: None, data, as_content },
+    )
+    .await
+}
+
+async fn deliver(ctx: &NodeContext, msg: Direct) -> ApiResult {
+    let delivered = ctx
+        .broker
+        .send(msg)
+        .await
+        .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "delivered": delivered})))
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    #[serde(rename = "userId", alias = "user_id")]
+    user_id: Option<String>,
+    #[serde(rename = "clientId", alias = "client_id")]
+    client_id: Option<String>,
+}
+
+async fn disconnect(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
+    let body: DisconnectBody = read_json(ctx, req).await?;
+    let target = match (body.user_id, body.client_id) {
+        (Some(u), _) if !u.is_empty() => DisconnectTarget::User(u),
+        (_, Some(c)) if !c.is_empty() => DisconnectTarget::Client(c),
+        _ => {
+            return Err(refuse(
+                ErrorCode::InvalidMessageFormat,
+                "the body needs `userId` or `clientId`",
+            ))
+        }
+    };
+    let n = ctx
+        .broker
+        .disconnect(target)
+        .await
+        .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
+    Ok(json_response(StatusCode::OK, &json!({"ok": true, "disconnected": n})))
+}
+
+fn status(ctx: &NodeContext) -> Response<Body> {
+    let users = ctx.hub.online_users();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "online_count": ctx.hub.connection_count(),
+            "online_users": users,
+            "online_user_count": users.len(),
+            "topics": ctx.hub.topic_count(),
+            "node": ctx.settings.node_id,
+        }),
+    )
+}
+
+fn info(ctx: &NodeContext) -> Response<Body> {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "node": ctx.settings.node_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "broker": ctx.broker.name(),
+            "uptime_seconds": ctx.started_at.elapsed().as_secs(),
+            "ready": !ctx.is_shutting_down() && ctx.broker.is_ready(),
+            "nodes": [{
+                "id": ctx.settings.node_id,
+                "connections": ctx.hub.connection_count(),
+                "max_connections": ctx.slots.max(),
+            }],
+        }),
+    )
+}
+
+fn presence(ctx: &NodeContext, req: &Request<Incoming>) -> ApiResult {
+    let query = req.uri().query().unwrap_or_default();
+    let topic = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "topic")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "add ?topic=NAME"))?;
+    let members: Vec<_> = ctx
+        .hub
+        .presence(&topic)
+        .into_iter()
+        .map(|(id, client, user)| json!({"connectionId": id, "clientId": &*client, "userId": user.as_deref()}))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"topic": topic, "count": members.len(), "members": members}),
+    ))
+}

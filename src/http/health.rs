@@ -1,0 +1,29 @@
+//! Liveness and readiness for load balancers and orchestrators.
+//!
+//! `/healthz` answers 200 while the process serves HTTP at all; `/readyz` answers 200 only while
+//! the node takes new connections (not shutting down, broker able to carry messages).
+
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use super::{json_response, Body};
+use crate::node::NodeContext;
+
+pub fn healthz() -> Response<Body> {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
+}
+
+pub fn readyz(ctx: &NodeContext) -> Response<Body> {
+    let shutting_down = ctx.is_shutting_down();
+    let broker_ready = ctx.broker.is_ready();
+    let ready = !shutting_down && broker_ready;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(
+        status,
+        &json!({"ready": ready, "shuttingDown": shutting_down, "brokerReady": broker_ready}),
+    )
+}

@@ -1,0 +1,261 @@
+//! The hub: this node's local connections, their topic subscriptions, and fan-out to them.
+//!
+//! It knows nothing of Redis or sockets: brokers hand it publications and frames, and it pushes
+//! shared frame bytes into each recipient's bounded queue ([`Outbound`]). The topic index is a
+//! sharded map (dashmap), so publishers on different topics do not contend for one lock.
+//! Subscribe and unsubscribe report when a topic gains its first or loses its last local
+//! subscriber, which is when a cluster broker has to change its interest.
+
+pub mod conflate;
+pub mod publication;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+
+use crate::protocol::codes::CloseCode;
+use crate::protocol::filter::{Filter, SubscriptionOptions};
+use crate::ws::writer::Outbound;
+use conflate::Conflator;
+pub use publication::{DirectMessage, Publication};
+
+/// A connection's id, unique within this node's run.
+pub type ConnId = u64;
+
+/// What the hub knows about one local connection.
+pub struct Connection {
+    pub id: ConnId,
+    pub client_id: Arc<str>,
+    pub user_id: Option<Arc<str>>,
+    pub outbound: Arc<Outbound>,
+    pub connected_at: SystemTime,
+}
+
+/// One connection's subscription to one topic.
+struct Subscriber {
+    conn: Arc<Connection>,
+    filter: Option<Arc<Filter>>,
+    conflator: Option<Arc<Conflator>>,
+}
+
+/// Counts from one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Frames queued (or held by conflation) for a subscriber.
+    pub delivered: usize,
+    /// Subscribers whose filter did not pass the publication.
+    pub filtered: usize,
+    /// Subscribers whose queue refused the frame (slow or closing).
+    pub dropped: usize,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    topics: DashMap<Arc<str>, HashMap<ConnId, Subscriber>>,
+    users: DashMap<Arc<str>, Vec<Arc<Connection>>>,
+    connections: DashMap<ConnId, Arc<Connection>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Hub::default())
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds a connection; returns `true` when it is its user's first on this node.
+    pub fn register(&self, conn: Arc<Connection>) -> bool {
+        self.connections.insert(conn.id, Arc::clone(&conn));
+        match &conn.user_id {
+            Some(user) => {
+                let mut conns = self.users.entry(Arc::clone(user)).or_default();
+                conns.push(conn);
+                conns.len() == 1
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a connection and its subscriptions to `topics`. Returns whether its user has no
+    /// connection left here, and the topics that lost their last local subscriber.
+    pub fn unregister(&self, conn: &Connection, topics: &[Arc<str>]) -> (bool, Vec<Arc<str>>) {
+        self.connections.remove(&conn.id);
+        let user_gone = match &conn.user_id {
+            Some(user) => self
+                .users
+                .remove_if_mut(user, |_, conns| {
+                    conns.retain(|c| c.id != conn.id);
+                    conns.is_empty()
+                })
+                .is_some(),
+            None => false,
+        };
+        let emptied = topics
+            .iter()
+            .filter(|t| self.unsubscribe(t, conn.id))
+            .cloned()
+            .collect();
+        (user_gone, emptied)
+    }
+
+    /// Subscribes (or re-subscribes with new options); returns `true` when `topic` had no local
+    /// subscriber before.
+    pub fn subscribe(&self, topic: &Arc<str>, conn: &Arc<Connection>, options: &SubscriptionOptions) -> bool {
+        let subscriber = Subscriber {
+            conn: Arc::clone(conn),
+            filter: options.filter.clone(),
+            conflator: options.interval.map(Conflator::new),
+        };
+        let mut subs = self.topics.entry(Arc::clone(topic)).or_default();
+        let first = subs.is_empty();
+        if let Some(old) = subs.insert(conn.id, subscriber) {
+            if let Some(c) = old.conflator {
+                c.cancel();
+            }
+        }
+        first
+    }
+
+    /// Unsubscribes; returns `true` when that left `topic` with no local subscriber.
+    pub fn unsubscribe(&self, topic: &str, conn_id: ConnId) -> bool {
+        let mut removed = false;
+        let emptied = self
+            .topics
+            .remove_if_mut(topic, |_, subs| {
+                if let Some(old) = subs.remove(&conn_id) {
+                    removed = true;
+                    if let Some(c) = old.conflator {
+                        c.cancel();
+                    }
+                }
+                subs.is_empty()
+            })
+            .is_some();
+        removed && emptied
+    }
+
+    /// Fans a publication out to the topic's local subscribers: the same frame bytes to each.
+    pub fn deliver(&self, publication: &Publication) -> Delivery {
+        let mut delivery = Delivery::default();
+        let Some(subs) = self.topics.get(&*publication.topic) else {
+            return delivery;
+        };
+        // Parsed at most once per publication, and only if some subscriber filters.
+        let mut data: Option<Option<serde_json::Value>> = None;
+        for sub in subs.values() {
+            if let Some(filter) = &sub.filter {
+                let value = data.get_or_insert_with(|| publication.data_value());
+                if !value.as_ref().is_some_and(|v| filter.matches(v)) {
+                    delivery.filtered += 1;
+                    continue;
+                }
+            }
+            let frame = publication.frame.clone();
+            match &sub.conflator {
+                Some(c) => {
+                    c.offer(frame, &sub.conn.outbound);
+                    delivery.delivered += 1;
+                }
+                None => match sub.conn.outbound.push(frame) {
+                    Ok(()) => delivery.delivered += 1,
+                    Err(_) => delivery.dropped += 1,
+                },
+            }
+        }
+        delivery
+    }
+
+    /// Queues `frame` to every local connection of `user`; returns how many took it.
+    pub fn deliver_to_user(&self, user: &str, frame: &Bytes) -> usize {
+        self.users.get(user).map_or(0, |conns| {
+            conns
+                .iter()
+                .filter(|c| c.outbound.push(frame.clone()).is_ok())
+                .count()
+        })
+    }
+
+    /// Queues `frame` to one connection; returns whether it took it.
+    pub fn deliver_to_connection(&self, id: ConnId, frame: Bytes) -> bool {
+        self.connections
+            .get(&id)
+            .is_some_and(|c| c.outbound.push(frame).is_ok())
+    }
+
+    /// Queues `frame` to every local connection; returns how many took it.
+    pub fn deliver_to_all(&self, frame: &Bytes) -> usize {
+        self.connections
+            .iter()
+            .filter(|c| c.outbound.push(frame.clone()).is_ok())
+            .count()
+    }
+
+    /// Closes every local connection of `user` with a `disconnect` notice; returns how many.
+    pub fn disconnect_user(&self, user: &str, code: CloseCode, reason: &str) -> usize {
+        self.users.get(user).map_or(0, |conns| {
+            conns.iter().for_each(|c| c.outbound.close(code, reason));
+            conns.len()
+        })
+    }
+
+    /// Closes every local connection labelled `client_id`; returns how many.
+    pub fn disconnect_client(&self, client_id: &str, code: CloseCode, reason: &str) -> usize {
+        self.close_where(|c| &*c.client_id == client_id, code, reason)
+    }
+
+    /// Closes one connection by id; returns whether it was here.
+    pub fn disconnect_connection(&self, id: ConnId, code: CloseCode, reason: &str) -> bool {
+        self.close_where(|c| c.id == id, code, reason) > 0
+    }
+
+    /// Closes every local connection (shutdown).
+    pub fn disconnect_all(&self, code: CloseCode, reason: &str) -> usize {
+        self.close_where(|_| true, code, reason)
+    }
+
+    fn close_where(&self, pick: impl Fn(&Connection) -> bool, code: CloseCode, reason: &str) -> usize {
+        let mut n = 0;
+        for c in self.connections.iter().filter(|c| pick(c)) {
+            c.outbound.close(code, reason);
+            n += 1;
+        }
+        n
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Local subscribers of `topic`.
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.topics.get(topic).map_or(0, |s| s.len())
+    }
+
+    /// Users with at least one local connection.
+    pub fn online_users(&self) -> Vec<String> {
+        let mut users: Vec<String> = self.users.iter().map(|e| e.key().to_string()).collect();
+        users.sort_unstable();
+        users
+    }
+
+    /// The users and clients subscribed to `topic` here (local presence).
+    pub fn presence(&self, topic: &str) -> Vec<(ConnId, Arc<str>, Option<Arc<str>>)> {
+        self.topics.get(topic).map_or_else(Vec::new, |subs| {
+            subs.values()
+                .map(|s| (s.conn.id, Arc::clone(&s.conn.client_id), s.conn.user_id.clone()))
+                .collect()
+        })
+    }
+}

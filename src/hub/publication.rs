@@ -1,0 +1,152 @@
+//! Messages encoded once, delivered many times.
+//!
+//! A [`Publication`] (topic message) and a direct message are serialized exactly once into a
+//! complete WebSocket text frame; fan-out then queues clones of the same `Bytes` (a reference
+//! count, no copy) to every recipient.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::protocol::envelope::{next_message_id, now_rfc3339};
+use crate::ws::frame;
+
+/// A topic message ready for fan-out.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub topic: Arc<str>,
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    /// The publisher's `data` as JSON text, kept for subscription filters.
+    pub data: Bytes,
+    /// The complete text frame every subscriber receives.
+    pub frame: Bytes,
+}
+
+#[derive(Serialize)]
+struct PublicationWire<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    id: &'a str,
+    timestamp: &'a str,
+    topic: &'a str,
+    seq: u64,
+    epoch: &'a str,
+    data: &'a RawValue,
+}
+
+impl Publication {
+    /// Encodes `{type, id, timestamp, topic, seq, epoch, data}` into its frame, once.
+    pub fn encode(topic: &str, kind: &str, seq: u64, epoch: &str, data: &RawValue) -> Self {
+        let id = next_message_id();
+        let timestamp = now_rfc3339();
+        let frame = frame::json_text(&PublicationWire {
+            kind,
+            id: &id,
+            timestamp: &timestamp,
+            topic,
+            seq,
+            epoch,
+            data,
+        });
+        Publication {
+            topic: Arc::from(topic),
+            seq,
+            epoch: Arc::from(epoch),
+            data: Bytes::copy_from_slice(data.get().as_bytes()),
+            frame,
+        }
+    }
+
+    /// The `data` as a value tree, for filters; `None` when it is not JSON (cannot happen for
+    /// publications built by [`Publication::encode`]).
+    pub fn data_value(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.data).ok()
+    }
+}
+
+/// A message addressed to users or connections rather than a topic.
+#[derive(Debug, Clone)]
+pub struct DirectMessage<'a> {
+    pub kind: &'a str,
+    /// The sender's identity, always set by the server for client-originated messages.
+    pub from: Option<&'a str>,
+    pub to: Option<&'a str>,
+    pub data: &'a RawValue,
+    /// Also put the payload under `content` (the framework guide's field name).
+    pub as_content: bool,
+}
+
+#[derive(Serialize)]
+struct DirectWire<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    id: &'a str,
+    timestamp: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a RawValue>,
+}
+
+impl DirectMessage<'_> {
+    /// Encodes `{type, id, timestamp, from, to, data[, content]}` into its frame, once.
+    pub fn encode(&self) -> Bytes {
+        let id = next_message_id();
+        let timestamp = now_rfc3339();
+        frame::json_text(&DirectWire {
+            kind: self.kind,
+            id: &id,
+            timestamp: &timestamp,
+            from: self.from,
+            to: self.to,
+            data: self.data,
+            content: self.as_content.then_some(self.data),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        // Test frames are short: a 2-byte header.
+        serde_json::from_slice(&frame[2..]).expect("frame payload is JSON")
+    }
+
+    #[test]
+    fn publication_frame_carries_the_envelope() {
+        let data = RawValue::from_string(r#"{"status":"ACTIVE"}"#.into()).expect("json");
+        let p = Publication::encode("routes", "route_update", 7, "e1", &data);
+        let v = payload(&p.frame);
+        assert_eq!(v["type"], "route_update");
+        assert_eq!(v["topic"], "routes");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["epoch"], "e1");
+        assert_eq!(v["data"]["status"], "ACTIVE");
+        assert_eq!(p.data_value().expect("data")["status"], "ACTIVE");
+    }
+
+    #[test]
+    fn direct_message_repeats_content_when_sent_as_content() {
+        let data = RawValue::from_string(r#""hi""#.into()).expect("json");
+        let f = DirectMessage {
+            kind: "chat",
+            from: Some("u1"),
+            to: Some("u2"),
+            data: &data,
+            as_content: true,
+        }
+        .encode();
+        let v = payload(&f);
+        assert_eq!((v["from"].as_str(), v["to"].as_str()), (Some("u1"), Some("u2")));
+        assert_eq!(v["data"], "hi");
+        assert_eq!(v["content"], "hi");
+    }
+}

@@ -1,0 +1,10 @@
+//! The WebSocket side of a node, in the order a connection meets it:
+//! `upgrade` (handshake, identity, admission) -> `session` (read loop, client messages) ->
+//! `writer` (bounded queue, batched writes) -> socket. `guard` sits below fastwebsockets on the
+//! read path; `frame` builds the server's frame bytes.
+
+pub mod frame;
+pub mod guard;
+pub mod session;
+pub mod upgrade;
+pub mod writer;

@@ -1,0 +1,664 @@
+//! One client connection after the upgrade: the read loop and client message dispatch.
+//!
+//! The session owns the read half (fastwebsockets over [`FrameGuard`]); the write half belongs
+//! to the connection's writer task ([`writer::run`]), which the session feeds through the
+//! connection's [`Outbound`] queue like every other producer. The session reassembles
+//! fragmented messages, applies the per-message limits (size, UTF-8, rate), and turns each
+//! client message into hub and broker calls. It never serializes a publication itself.
+
+use std::collections::HashSet;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use fastwebsockets::{OpCode, Role, WebSocketError};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::guard::{FrameGuard, GuardError};
+use super::writer::{self, Outbound};
+use crate::broker::{Direct, Recipient, TopicMessage, UpstreamMessage};
+use crate::hub::{ConnId, Connection};
+use crate::limits::{Slot, TokenBucket};
+use crate::node::NodeContext;
+use crate::protocol::codes::{CloseCode, ErrorCode};
+use crate::protocol::envelope::{now_millis, server_message, ErrorBody, Inbound};
+use crate::protocol::{filter, topic};
+
+/// Who is on the other end, as established by the upgrade.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub client_id: String,
+    pub user_id: Option<String>,
+}
+
+/// What the upgrade hands over to a session.
+pub struct SessionStart {
+    pub stream: TcpStream,
+    /// Bytes hyper read past the HTTP request (the client's first frames, if any).
+    pub read_ahead: Bytes,
+    pub identity: Identity,
+    /// Topics from the `subscriptions` query parameter.
+    pub initial_topics: Vec<String>,
+    /// The node admitted this connection; `None` means it is full and the session only says so.
+    pub slot: Option<Slot>,
+}
+
+/// A refusal to send back as an `error` message.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+    details: Option<Value>,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+/// How a read loop iteration ended the connection.
+enum Exit {
+    /// Close with this code after an optional `error` message.
+    Close(CloseCode, String, Option<ErrorCode>),
+    /// The client sent a close frame; echo its code.
+    ClientClosed(u16),
+    /// The peer vanished or the writer ended (slow consumer, server close): nothing to send.
+    Gone,
+}
+
+struct Session {
+    ctx: Arc<NodeContext>,
+    conn: Arc<Connection>,
+    subscriptions: HashSet<Arc<str>>,
+    bucket: TokenBucket,
+}
+
+/// Runs a connection to its end.
+pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
+    let settings = &ctx.settings.ws;
+    let _ = start.stream.set_nodelay(true);
+    let (read_half, write_half) = start.stream.into_split();
+    let outbound = Outbound::new(settings.send_queue_bytes);
+    let mut writer = tokio::spawn(writer::run(
+        Arc::clone(&outbound),
+        write_half,
+        settings.write_timeout,
+        settings.heartbeat_interval,
+    ));
+
+    let Some(_slot) = start.slot else {
+        let message = "the server is at its connection limit; retry later";
+        let _ = outbound.push(ErrorBody::new(ErrorCode::TooManyConnections, message).to_frame());
+        outbound.close(CloseCode::TryAgainLater, message);
+        let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
+        return;
+    };
+
+    let conn = Arc::new(Connection {
+        id: ctx.hub.next_conn_id(),
+        client_id: Arc::from(start.identity.client_id.as_str()),
+        user_id: start.identity.user_id.as_deref().map(Arc::from),
+        outbound: Arc::clone(&outbound),
+        connected_at: SystemTime::now(),
+    });
+    if ctx.hub.register(Arc::clone(&conn)) {
+        if let Some(user) = &conn.user_id {
+            ctx.broker.user_interest(user, true);
+        }
+    }
+    let mut session = Session {
+        bucket: TokenBucket::new(settings.rate_per_second, settings.rate_burst),
+        ctx: Arc::clone(&ctx),
+        conn: Arc::clone(&conn),
+        subscriptions: HashSet::new(),
+    };
+
+    let initial = if start.initial_topics.is_empty() {
+        Ok(Vec::new())
+    } else {
+        session.subscribe(start.initial_topics, None, None)
+    };
+    let _ = outbound.push(session.connection_message());
+    if let Err(refusal) = initial {
+        let _ = outbound.push(session.error_frame(refusal, None));
+    }
+
+    let reader = FrameGuard::new(
+        Cursor::new(start.read_ahead).chain(read_half),
+        settings.max_message_size,
+    );
+    let exit = session.read_loop(reader, &mut writer).await;
+
+    match exit {
+        Exit::Close(code, reason, error) => {
+            if let Some(error) = error {
+                let _ = outbound.push(ErrorBody::new(error, reason.as_str()).to_frame());
+            }
+            outbound.close(code, &reason);
+        }
+        Exit::ClientClosed(code) => outbound.close_echo(code),
+        Exit::Gone => outbound.abort(),
+    }
+    session.leave();
+    if tokio::time::timeout(settings.write_timeout, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+impl Session {
+    /// Reads frames until the connection ends; returns how it should be closed.
+    async fn read_loop<R>(
+        &mut self,
+        reader: FrameGuard<R>,
+        writer: &mut tokio::task::JoinHandle<Result<(), writer::WriterError>>,
+    ) -> Exit
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        let settings = &self.ctx.settings.ws;
+        let idle_timeout = settings.idle_timeout;
+        let (mut ws, _unused_write_half) =
+            fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
+        // Pings, pongs and closes are answered through our own writer, not fastwebsockets'.
+        ws.set_auto_close(false);
+        ws.set_auto_pong(false);
+        // FrameGuard enforces the whole-message limit first; fastwebsockets' own check is per
+        // frame and refuses a frame of exactly its limit, so give it one byte of room.
+        ws.set_max_message_size(settings.max_message_size + 1);
+        let mut no_obligations = |_frame| async { Ok::<(), std::io::Error>(()) };
+
+        let mut fragments: Option<(OpCode, Vec<u8>)> = None;
+        loop {
+            let deadline = Instant::now() + idle_timeout;
+            let frame = tokio::select! {
+                read = tokio::time::timeout_at(deadline, ws.read_frame(&mut no_obligations)) => match read {
+                    Ok(Ok(frame)) => frame,
+                    Ok(Err(e)) => return exit_for(e),
+                    Err(_) => return Exit::Close(
+                        CloseCode::IdleTimeout,
+                        format!("nothing received for {idle_timeout:?}"),
+                        None,
+                    ),
+                },
+                _ = &mut *writer => return Exit::Gone,
+            };
+            let (opcode, payload) = match frame.opcode {
+                OpCode::Close => return Exit::ClientClosed(close_code_of(&frame.payload)),
+                OpCode::Ping => {
+                    let pong = super::frame::frame(super::frame::OpCode::Pong, &frame.payload);
+                    let _ = self.conn.outbound.push(pong);
+                    continue;
+                }
+                OpCode::Pong => continue,
+                OpCode::Text | OpCode::Binary if frame.fin => {
+                    if fragments.is_some() {
+                        return protocol_error("a new message started before the last one ended");
+                    }
+                    (frame.opcode, frame.payload.to_vec())
+                }
+                OpCode::Text | OpCode::Binary => {
+                    if fragments.is_some() {
+                        return protocol_error("a new message started before the last one ended");
+                    }
+                    fragments = Some((frame.opcode, frame.payload.to_vec()));
+                    continue;
+                }
+                OpCode::Continuation => {
+                    let Some((_, buf)) = fragments.as_mut() else {
+                        return protocol_error("continuation frame without a message to continue");
+                    };
+                    buf.extend_from_slice(&frame.payload);
+                    if !frame.fin {
+                        continue;
+                    }
+                    match fragments.take() {
+                        Some(message) => message,
+                        None => continue,
+                    }
+                }
+            };
+            if opcode == OpCode::Binary {
+                self.refuse(
+                    Refusal::new(
+                        ErrorCode::InvalidMessageFormat,
+                        "binary messages are not supported; send JSON text",
+                    ),
+                    None,
+                );
+                continue;
+            }
+            let Ok(text) = std::str::from_utf8(&payload) else {
+                return Exit::Close(
+                    CloseCode::InvalidPayload,
+                    "text message is not valid UTF-8".into(),
+                    None,
+                );
+            };
+            self.handle_text(text).await;
+        }
+    }
+
+    /// Handles one complete client text message.
+    async fn handle_text(&mut self, text: &str) {
+        if let Err(wait) = self.bucket.try_take(std::time::Instant::now()) {
+            let retry_ms = wait.as_millis().max(1) as u64;
+            let body = ErrorBody::new(
+                ErrorCode::RateLimitExceeded,
+                "too many messages; this one was dropped",
+            )
+            .retry_after_ms(retry_ms);
+            let _ = self.conn.outbound.push(body.to_frame());
+            return;
+        }
+        let msg = match Inbound::parse(text) {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.refuse(Refusal::new(ErrorCode::InvalidMessageFormat, e.to_string()), None);
+                return;
+            }
+        };
+        let request_id = msg.request_id();
+        let result = match msg.kind() {
+            "ping" => Ok(Some(self.reply("pong", request_id, json!({"serverTime": now_millis()})))),
+            "heartbeat" => {
+                let client_time = msg
+                    .payload()
+                    .and_then(|d| serde_json::from_str::<Value>(d.get()).ok())
+                    .and_then(|d| d.get("timestamp").cloned())
+                    .unwrap_or(Value::Null);
+                Ok(Some(self.reply(
+                    "heartbeat",
+                    request_id,
+                    json!({"serverTime": now_millis(), "timestamp": client_time}),
+                )))
+            }
+            "pong" => Ok(None),
+            "subscribe" => self.handle_subscribe(&msg).map(Some),
+            "unsubscribe" => self.handle_unsubscribe(&msg).map(Some),
+            "publish" => self.handle_publish(&msg).await.map(Some),
+            _ if msg.to.is_some() => self.handle_direct(&msg).await,
+            _ => self.handle_upstream(&msg, text).await,
+        };
+        match result {
+            Ok(Some(frame)) => {
+                let _ = self.conn.outbound.push(frame);
+            }
+            Ok(None) => {}
+            Err(refusal) => self.refuse(refusal, request_id),
+        }
+    }
+
+    fn handle_subscribe(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
+        let req = SubscriptionRequest::from_message(msg)?;
+        let recovery = req.since.is_some();
+        let topics = self.subscribe(req.topics, req.filters.as_ref(), req.interval)?;
+        let mut data = json!({"action": "subscribe", "topics": topics});
+        if recovery {
+            // History arrives with the history issue; until then say plainly that nothing was
+            // recovered rather than pretend the gap is empty.
+            data["recovered"] = Value::Bool(false);
+        }
+        Ok(self.reply("ack", msg.request_id(), data))
+    }
+
+    fn handle_unsubscribe(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
+        let req = SubscriptionRequest::from_message(msg)?;
+        for name in &req.topics {
+            if let Some(topic) = self.subscriptions.take(name.as_str()) {
+                if self.ctx.hub.unsubscribe(&topic, self.conn.id) {
+                    self.ctx.broker.topic_interest(&topic, false);
+                }
+            }
+        }
+        Ok(self.reply(
+            "ack",
+            msg.request_id(),
+            json!({"action": "unsubscribe", "topics": req.topics}),
+        ))
+    }
+
+    /// Subscribes to all of `topics` or none: every name and the total count are checked first.
+    fn subscribe(
+        &mut self,
+        topics: Vec<String>,
+        filters: Option<&Value>,
+        interval_ms: Option<u64>,
+    ) -> Result<Vec<String>, Refusal> {
+        let ws = &self.ctx.settings.ws;
+        let bad: Vec<String> = topics
+            .iter()
+            .filter_map(|t| topic::validate(t, ws.max_topic_length).err())
+            .map(|e| e.to_string())
+            .collect();
+        if !bad.is_empty() {
+            return Err(Refusal::new(ErrorCode::InvalidTopic, bad.join("; "))
+                .with_details(json!({"topics": topics})));
+        }
+        let new = topics
+            .iter()
+            .filter(|t| !self.subscriptions.contains(t.as_str()))
+            .collect::<HashSet<_>>()
+            .len();
+        if self.subscriptions.len() + new > ws.max_subscriptions {
+            return Err(Refusal::new(
+                ErrorCode::TooManySubscriptions,
+                format!(
+                    "this connection holds {} subscriptions; {} more would pass the limit of {}",
+                    self.subscriptions.len(),
+                    new,
+                    ws.max_subscriptions
+                ),
+            ));
+        }
+        let options = filter::options_per_topic(filters, &topics, interval_ms)
+            .map_err(|e| Refusal::new(ErrorCode::InvalidSubscription, e.to_string()))?;
+        for name in &topics {
+            let topic: Arc<str> = self
+                .subscriptions
+                .get(name.as_str())
+                .cloned()
+                .unwrap_or_else(|| Arc::from(name.as_str()));
+            let opts = options.get(name).cloned().unwrap_or_default();
+            if self.ctx.hub.subscribe(&topic, &self.conn, &opts) {
+                self.ctx.broker.topic_interest(&topic, true);
+            }
+            self.subscriptions.insert(topic);
+        }
+        Ok(topics)
+    }
+
+    async fn handle_publish(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
+        let req: PublishRequest = parse_data(msg.payload())?;
+        let topic = req
+            .topic
+            .or_else(|| msg.topic.as_deref().map(str::to_string))
+            .ok_or_else(|| Refusal::new(ErrorCode::InvalidMessageFormat, "publish needs a `topic`"))?;
+        topic::validate(&topic, self.ctx.settings.ws.max_topic_length)
+            .map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.to_string()))?;
+        if !self.ctx.settings.namespace_of(&topic).client_publish {
+            return Err(Refusal::new(
+                ErrorCode::PermissionDenied,
+                format!("clients may not publish to {topic:?}: its namespace does not allow it"),
+            ));
+        }
+        let data = req.data.unwrap_or_else(null_raw);
+        let receipt = self
+            .ctx
+            .broker
+            .publish(TopicMessage {
+                topic: topic.clone(),
+                kind: req.kind.unwrap_or_else(|| "message".to_string()),
+                data,
+            })
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Unavailable, e.to_string()))?;
+        Ok(self.reply(
+            "ack",
+            msg.request_id(),
+            json!({"action": "publish", "topic": topic, "seq": receipt.seq, "epoch": receipt.epoch}),
+        ))
+    }
+
+    async fn handle_direct(&mut self, msg: &Inbound<'_>) -> Result<Option<Bytes>, Refusal> {
+        let to = msg.to.as_deref().unwrap_or_default();
+        let recipient = if to.is_empty() {
+            if !self.ctx.settings.ws.allow_client_broadcast {
+                return Err(Refusal::new(
+                    ErrorCode::PermissionDenied,
+                    "an empty `to` broadcasts to everyone, which clients may not do here",
+                ));
+            }
+            Recipient::Everyone
+        } else {
+            Recipient::User(to.to_string())
+        };
+        let from = self
+            .conn
+            .user_id
+            .as_deref()
+            .unwrap_or(&self.conn.client_id)
+            .to_string();
+        let as_content = msg.data.is_none() && msg.content.is_some();
+        self.ctx
+            .broker
+            .send(Direct {
+                recipient,
+                kind: msg.kind().to_string(),
+                from: Some(from),
+                data: msg.payload().map(RawValue::to_owned).unwrap_or_else(null_raw),
+                as_content,
+            })
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Unavailable, e.to_string()))?;
+        Ok(msg
+            .request_id()
+            .map(|id| self.reply("ack", Some(id), json!({"action": "send", "to": to}))))
+    }
+
+    async fn handle_upstream(
+        &mut self,
+        msg: &Inbound<'_>,
+        raw: &str,
+    ) -> Result<Option<Bytes>, Refusal> {
+        self.ctx
+            .broker
+            .forward_upstream(UpstreamMessage {
+                node_id: self.ctx.settings.node_id.clone(),
+                conn_id: self.conn.id,
+                client_id: self.conn.client_id.to_string(),
+                user_id: self.conn.user_id.as_deref().map(str::to_string),
+                kind: msg.kind().to_string(),
+                raw: raw.to_string(),
+            })
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::InvalidOperation, e.to_string()))?;
+        Ok(msg
+            .request_id()
+            .map(|id| self.reply("ack", Some(id), json!({"action": "forwarded"}))))
+    }
+
+    fn connection_message(&self) -> Bytes {
+        let mut topics: Vec<&str> = self.subscriptions.iter().map(|t| &**t).collect();
+        topics.sort_unstable();
+        server_message(
+            "connection",
+            ConnectionData {
+                status: "connected",
+                connection_id: self.conn.id,
+                client_id: &self.conn.client_id,
+                user_id: self.conn.user_id.as_deref(),
+                node: &self.ctx.settings.node_id,
+                server_time: now_millis(),
+                heartbeat_interval: self.ctx.settings.ws.heartbeat_interval.as_millis() as u64,
+                subscriptions: topics,
+            },
+        )
+    }
+
+    /// A reply frame whose `data` carries `requestId` when the request had an id.
+    fn reply(&self, kind: &str, request_id: Option<&RawValue>, mut data: Value) -> Bytes {
+        if let (Some(id), Value::Object(map)) = (request_id, &mut data) {
+            let id = serde_json::from_str(id.get()).unwrap_or(Value::Null);
+            map.insert("requestId".into(), id);
+        }
+        server_message(kind, data)
+    }
+
+    fn error_frame(&self, refusal: Refusal, request_id: Option<&RawValue>) -> Bytes {
+        let mut body = ErrorBody::new(refusal.code, refusal.message).request_id(request_id);
+        if let Some(details) = refusal.details {
+            body = body.details(details);
+        }
+        body.to_frame()
+    }
+
+    fn refuse(&self, refusal: Refusal, request_id: Option<&RawValue>) {
+        let _ = self.conn.outbound.push(self.error_frame(refusal, request_id));
+    }
+
+    /// Removes the connection from the hub and tells the broker what interest went with it.
+    fn leave(&mut self) {
+        let topics: Vec<Arc<str>> = self.subscriptions.drain().collect();
+        let (user_gone, emptied) = self.ctx.hub.unregister(&self.conn, &topics);
+        for topic in emptied {
+            self.ctx.broker.topic_interest(&topic, false);
+        }
+        if let (true, Some(user)) = (user_gone, &self.conn.user_id) {
+            self.ctx.broker.user_interest(user, false);
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ConnectionData<'a> {
+    status: &'a str,
+    #[serde(rename = "connectionId")]
+    connection_id: ConnId,
+    #[serde(rename = "clientId")]
+    client_id: &'a str,
+    #[serde(rename = "userId")]
+    user_id: Option<&'a str>,
+    node: &'a str,
+    #[serde(rename = "serverTime")]
+    server_time: u64,
+    #[serde(rename = "heartbeatInterval")]
+    heartbeat_interval: u64,
+    subscriptions: Vec<&'a str>,
+}
+
+/// The `data` of subscribe and unsubscribe: `topics`, `events` or one `topic`.
+#[derive(Debug, Default, Deserialize)]
+struct SubscriptionData {
+    #[serde(default)]
+    topics: Option<Vec<String>>,
+    #[serde(default)]
+    events: Option<Vec<String>>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    filters: Option<Value>,
+    #[serde(default)]
+    interval: Option<u64>,
+    #[serde(default)]
+    since: Option<Value>,
+}
+
+struct SubscriptionRequest {
+    topics: Vec<String>,
+    filters: Option<Value>,
+    interval: Option<u64>,
+    since: Option<Value>,
+}
+
+impl SubscriptionRequest {
+    fn from_message(msg: &Inbound<'_>) -> Result<Self, Refusal> {
+        let data: SubscriptionData = parse_data(msg.data)?;
+        let mut topics: Vec<String> = Vec::new();
+        let listed = data.topics.into_iter().flatten();
+        let events = data.events.into_iter().flatten();
+        let single = data
+            .topic
+            .into_iter()
+            .chain(msg.topic.as_deref().map(str::to_string));
+        for t in listed.chain(events).chain(single) {
+            if !topics.contains(&t) {
+                topics.push(t);
+            }
+        }
+        if topics.is_empty() {
+            return Err(Refusal::new(
+                ErrorCode::InvalidSubscription,
+                "no topics given: send data.topics, data.events or data.topic",
+            ));
+        }
+        Ok(SubscriptionRequest {
+            topics,
+            filters: data.filters,
+            interval: data.interval,
+            since: data.since,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PublishRequest {
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
+
+/// Parses a message's `data` into `T`; absent `data` gives `T::default()`.
+fn parse_data<T: for<'de> Deserialize<'de> + Default>(
+    data: Option<&RawValue>,
+) -> Result<T, Refusal> {
+    match data {
+        None => Ok(T::default()),
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|e| {
+            Refusal::new(ErrorCode::InvalidMessageFormat, format!("invalid `data`: {e}"))
+        }),
+    }
+}
+
+fn null_raw() -> Box<RawValue> {
+    RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"))
+}
+
+fn protocol_error(reason: &str) -> Exit {
+    Exit::Close(CloseCode::ProtocolError, reason.to_string(), None)
+}
+
+/// The close code in a close frame's payload (1000 when it carries none).
+fn close_code_of(payload: &[u8]) -> u16 {
+    match payload {
+        [hi, lo, ..] => u16::from_be_bytes([*hi, *lo]),
+        _ => 1000,
+    }
+}
+
+/// Maps a read failure to how the connection ends.
+fn exit_for(e: WebSocketError) -> Exit {
+    match e {
+        WebSocketError::IoError(io) => match GuardError::from_io(&io) {
+            Some(GuardError::MessageTooBig { max, .. }) => Exit::Close(
+                CloseCode::MessageTooBig,
+                format!("message over the {max}-byte limit"),
+                Some(ErrorCode::MessageTooLarge),
+            ),
+            Some(refused) => protocol_error(&refused.to_string()),
+            None => Exit::Gone,
+        },
+        WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => Exit::Gone,
+        WebSocketError::InvalidUTF8 => Exit::Close(
+            CloseCode::InvalidPayload,
+            "text message is not valid UTF-8".into(),
+            None,
+        ),
+        WebSocketError::FrameTooLarge => Exit::Close(
+            CloseCode::MessageTooBig,
+            "frame over the message size limit".into(),
+            Some(ErrorCode::MessageTooLarge),
+        ),
+        other => protocol_error(&other.to_string()),
+    }
+}

@@ -1,0 +1,202 @@
+//! The WebSocket handshake: who is connecting, whether they may, and the hand-over to a session.
+//!
+//! Refusals that can be given in HTTP are (403 for a forbidden Origin, 400 for a request that is
+//! not a WebSocket upgrade, 503 while shutting down); refusals a browser must be able to read
+//! (a full node) complete the upgrade and say why in an `error` message and a close code.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ORIGIN};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::session::{self, Identity, SessionStart};
+use crate::auth;
+use crate::http::{json_error, Body};
+use crate::node::NodeContext;
+use crate::protocol::codes::ErrorCode;
+
+/// Longest accepted client label.
+const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// Answers an upgrade request on one of the WebSocket paths.
+pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Body> {
+    if ctx.is_shutting_down() {
+        return json_error(ErrorCode::Unavailable, "the node is shutting down");
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return json_error(
+            ErrorCode::InvalidOperation,
+            "this path takes a WebSocket upgrade (GET with Upgrade: websocket)",
+        );
+    }
+    if let Err(origin) = check_origin(&ctx, req.headers().get(ORIGIN)) {
+        return json_error(
+            ErrorCode::PermissionDenied,
+            format!("origin {origin:?} is not allowed"),
+        );
+    }
+    let params = ConnectParams::from_request(&req);
+    if params.client_id.as_ref().is_some_and(|c| c.len() > MAX_CLIENT_ID_LEN) {
+        return json_error(
+            ErrorCode::InvalidMessageFormat,
+            format!("clientId is longer than {MAX_CLIENT_ID_LEN} bytes"),
+        );
+    }
+    let user_id = match auth::connecting_user(&ctx.settings, params.token.as_deref(), params.user_id) {
+        Ok(user) => user,
+        Err(e) => return json_error(ErrorCode::Unauthorized, e.to_string()),
+    };
+    let identity = Identity {
+        client_id: params.client_id.unwrap_or_else(generated_client_id),
+        user_id,
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => return json_error(ErrorCode::InvalidOperation, format!("bad upgrade: {e}")),
+    };
+    // Admission is decided before the 101 so the slot is held from the first byte.
+    let slot = ctx.slots.try_acquire();
+    let initial_topics = params.subscriptions;
+    tokio::spawn(async move {
+        let ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let upgraded = ws.into_inner().into_inner();
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => parts,
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                return;
+            }
+        };
+        session::run(
+            ctx,
+            SessionStart {
+                stream: parts.io.into_inner(),
+                read_ahead: parts.read_buf,
+                identity,
+                initial_topics,
+                slot,
+            },
+        )
+        .await;
+    });
+    response.map(|_| Body::new(Bytes::new()))
+}
+
+fn check_origin(ctx: &NodeContext, origin: Option<&HeaderValue>) -> Result<(), String> {
+    let allowed = &ctx.settings.ws.allowed_origins;
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let origin = origin.and_then(|o| o.to_str().ok()).unwrap_or_default();
+    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(origin.to_string())
+    }
+}
+
+fn generated_client_id() -> String {
+    format!("c-{:016x}", rand::random::<u64>())
+}
+
+/// What a client may say in the upgrade request (SPEC section 2).
+#[derive(Debug, Default)]
+struct ConnectParams {
+    token: Option<String>,
+    client_id: Option<String>,
+    user_id: Option<String>,
+    subscriptions: Vec<String>,
+}
+
+impl ConnectParams {
+    fn from_request<B>(req: &Request<B>) -> Self {
+        let mut p = ConnectParams::default();
+        let query = req.uri().query().unwrap_or_default();
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "token" => p.token = Some(value.into_owned()),
+                "clientId" | "client_id" => p.client_id = Some(value.into_owned()),
+                "user_id" | "userId" => p.user_id = Some(value.into_owned()),
+                "subscriptions" => p.subscriptions.extend(parse_topic_list(&value)),
+                _ => {}
+            }
+        }
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        if p.client_id.is_none() {
+            p.client_id = header("x-client-id");
+        }
+        if p.token.is_none() {
+            p.token = header("authorization")
+                .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string()));
+        }
+        p.client_id = p.client_id.filter(|c| !c.is_empty());
+        p.user_id = p.user_id.filter(|u| !u.is_empty());
+        p
+    }
+}
+
+/// `["a","b"]` (JSON) or `a,b` (comma list). A malformed JSON list is kept whole so that topic
+/// validation refuses it with a message, rather than it being silently dropped.
+fn parse_topic_list(value: &str) -> Vec<String> {
+    let value = value.trim();
+    if value.starts_with('[') {
+        if let Ok(list) = serde_json::from_str::<Vec<String>>(value) {
+            return list;
+        }
+        return vec![value.to_string()];
+    }
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_lists_in_both_forms() {
+        assert_eq!(parse_topic_list(r#"["routes","metrics"]"#), ["routes", "metrics"]);
+        assert_eq!(parse_topic_list("routes, metrics,"), ["routes", "metrics"]);
+        assert_eq!(parse_topic_list("[oops"), ["[oops"]);
+    }
+
+    #[test]
+    fn params_from_query_and_headers() {
+        let req = Request::builder()
+            .uri("/ws?client_id=c1&user_id=u1&token=t&subscriptions=a,b")
+            .body(())
+            .expect("request");
+        let p = ConnectParams::from_request(&req);
+        assert_eq!(p.client_id.as_deref(), Some("c1"));
+        assert_eq!(p.user_id.as_deref(), Some("u1"));
+        assert_eq!(p.token.as_deref(), Some("t"));
+        assert_eq!(p.subscriptions, ["a", "b"]);
+        let req = Request::builder()
+            .uri("/ws")
+            .header("X-Client-ID", "h1")
+            .header("Authorization", "Bearer abc")
+            .body(())
+            .expect("request");
+        let p = ConnectParams::from_request(&req);
+        assert_eq!((p.client_id.as_deref(), p.token.as_deref()), (Some("h1"), Some("abc")));
+    }
+}

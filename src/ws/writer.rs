@@ -1,0 +1,256 @@
+//! A connection's outbound side: a queue of complete frames bounded in bytes, and the writer task
+//! that drains it.
+//!
+//! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. The writer takes
+//! everything queued at once and writes it with vectored writes, so a burst of publications costs
+//! one syscall per connection rather than one per frame. Bytes count against the bound from the
+//! moment they are queued until the kernel has accepted them; a push that would pass the bound
+//! marks the connection a slow consumer: its queue is dropped and it gets a `disconnect` notice
+//! and close 4008, while every other connection goes on untouched.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::frame;
+use crate::protocol::codes::CloseCode;
+use crate::protocol::envelope::{server_message, DisconnectNotice};
+
+/// Most slices handed to one `writev` (Linux's IOV_MAX is 1024).
+const MAX_IOVECS: usize = 512;
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("send queue over its bound: slow consumer")]
+    Overflow,
+    #[error("connection is closing")]
+    Closed,
+}
+
+/// How the writer should end the connection.
+#[derive(Debug, Clone)]
+struct Closing {
+    /// Frames written after whatever is still queued: a `disconnect` notice and a close frame.
+    farewell: Vec<Bytes>,
+    /// Drop queued frames instead of flushing them (slow consumers, dead peers).
+    discard_queue: bool,
+}
+
+#[derive(Default)]
+struct QueueState {
+    frames: VecDeque<Bytes>,
+    /// Bytes queued plus bytes taken by the writer and not yet written.
+    bytes: usize,
+    closing: Option<Closing>,
+    /// Set once the writer has finished; pushes after that fail.
+    finished: bool,
+}
+
+/// The producer side of one connection's queue, shared by the hub and the session.
+pub struct Outbound {
+    state: Mutex<QueueState>,
+    wake: Notify,
+    limit: usize,
+}
+
+impl Outbound {
+    /// A queue that holds at most `limit_bytes` (queued and in flight together).
+    pub fn new(limit_bytes: usize) -> Arc<Self> {
+        Arc::new(Outbound {
+            state: Mutex::new(QueueState::default()),
+            wake: Notify::new(),
+            limit: limit_bytes,
+        })
+    }
+
+    /// Queues one frame. Over the bound, the connection is closed as a slow consumer.
+    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        let mut st = self.state.lock();
+        if st.closing.is_some() || st.finished {
+            return Err(PushError::Closed);
+        }
+        if st.bytes + frame.len() > self.limit {
+            st.frames.clear();
+            st.closing = Some(farewell(CloseCode::SlowConsumer, "send queue full: slow consumer", true));
+            drop(st);
+            self.wake.notify_one();
+            return Err(PushError::Overflow);
+        }
+        st.bytes += frame.len();
+        st.frames.push_back(frame);
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Asks the writer to flush what is queued, send a `disconnect` notice (unless `code` is a
+    /// plain echo of the client's close) and a close frame, then end. The first close wins.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.close_with(farewell(code, reason, false));
+    }
+
+    /// Echoes a client's close frame (no notice: the client chose to leave).
+    pub fn close_echo(&self, code: u16) {
+        self.close_with(Closing {
+            farewell: vec![frame::close(code, "")],
+            discard_queue: false,
+        });
+    }
+
+    /// Ends the writer at once, dropping anything queued (the peer is gone).
+    pub fn abort(&self) {
+        self.close_with(Closing {
+            farewell: Vec::new(),
+            discard_queue: true,
+        });
+    }
+
+    fn close_with(&self, closing: Closing) {
+        let mut st = self.state.lock();
+        if st.closing.is_none() && !st.finished {
+            if closing.discard_queue {
+                st.frames.clear();
+            }
+            st.closing = Some(closing);
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Whether a close has been requested or the writer has ended.
+    pub fn is_closing(&self) -> bool {
+        let st = self.state.lock();
+        st.closing.is_some() || st.finished
+    }
+
+    /// Bytes queued or in flight.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+}
+
+fn farewell(code: CloseCode, reason: &str, discard_queue: bool) -> Closing {
+    let notice = server_message(
+        "disconnect",
+        DisconnectNotice {
+            code: code.as_u16(),
+            reason,
+            reconnect: code.reconnect(),
+        },
+    );
+    Closing {
+        farewell: vec![notice, frame::close(code.as_u16(), reason)],
+        discard_queue,
+    }
+}
+
+/// Why the writer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("socket write failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("socket accepted nothing for {0:?}")]
+    Stalled(Duration),
+}
+
+/// Drains `outbound` into `socket` until a close is written or the socket fails, and sends a
+/// WebSocket ping every `ping_every` so that idle clients answer with a pong.
+pub async fn run(
+    outbound: Arc<Outbound>,
+    mut socket: OwnedWriteHalf,
+    write_timeout: Duration,
+    ping_every: Duration,
+) -> Result<(), WriterError> {
+    let result = drain_loop(&outbound, &mut socket, write_timeout, ping_every).await;
+    {
+        let mut st = outbound.state.lock();
+        st.finished = true;
+        st.frames.clear();
+        st.bytes = 0;
+    }
+    // Half-close so the peer sees the end even if it never answers our close frame.
+    let _ = socket.shutdown().await;
+    result
+}
+
+async fn drain_loop(
+    outbound: &Outbound,
+    socket: &mut OwnedWriteHalf,
+    write_timeout: Duration,
+    ping_every: Duration,
+) -> Result<(), WriterError> {
+    let ping = frame::frame(frame::OpCode::Ping, b"");
+    let mut next_ping = Instant::now() + ping_every;
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        // Checked on every round, not only when idle: a client that only receives must still
+        // be pinged, or its idle timer would run out while it is busy reading.
+        if Instant::now() >= next_ping {
+            let _ = outbound.push(ping.clone());
+            next_ping = Instant::now() + ping_every;
+        }
+        let closing = {
+            let mut st = outbound.state.lock();
+            batch.extend(st.frames.drain(..));
+            st.closing.take()
+        };
+        if batch.is_empty() && closing.is_none() {
+            tokio::select! {
+                _ = outbound.wake.notified() => {}
+                _ = tokio::time::sleep_until(next_ping) => {}
+            }
+            continue;
+        }
+        let batch_bytes: usize = batch.iter().map(Bytes::len).sum();
+        write_all(socket, &mut batch, write_timeout).await?;
+        outbound.state.lock().bytes -= batch_bytes;
+        if let Some(closing) = closing {
+            let mut farewell = closing.farewell;
+            write_all(socket, &mut farewell, write_timeout).await?;
+            return Ok(());
+        }
+    }
+}
+
+/// Writes every frame of `frames` with as few vectored writes as the kernel allows; empties it.
+async fn write_all(
+    socket: &mut OwnedWriteHalf,
+    frames: &mut Vec<Bytes>,
+    write_timeout: Duration,
+) -> Result<(), WriterError> {
+    let mut first = 0;
+    while first < frames.len() {
+        let end = frames.len().min(first + MAX_IOVECS);
+        let slices: Vec<IoSlice<'_>> = frames[first..end].iter().map(|b| IoSlice::new(b)).collect();
+        let written = tokio::time::timeout(write_timeout, socket.write_vectored(&slices))
+            .await
+            .map_err(|_| WriterError::Stalled(write_timeout))??;
+        if written == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        // Advance past fully written frames; trim a partly written one in place.
+        let mut left = written;
+        while left > 0 {
+            let len = frames[first].len();
+            if left >= len {
+                left -= len;
+                first += 1;
+            } else {
+                let rest = frames[first].slice(left..);
+                frames[first] = rest;
+                left = 0;
+            }
+        }
+    }
+    frames.clear();
+    Ok(())
+}
