@@ -45,8 +45,18 @@ pub struct SessionStart {
     pub identity: Identity,
     /// Topics from the `subscriptions` query parameter.
     pub initial_topics: Vec<String>,
-    /// The node admitted this connection; `None` means it is full and the session only says so.
-    pub slot: Option<Slot>,
+    /// The node's admission: a held slot, or why the connection is refused. A refused connection
+    /// still completes the upgrade so that browsers, which cannot read an HTTP error body, get
+    /// the reason as an `error` message and a close code.
+    pub admission: Result<Slot, Refused>,
+}
+
+/// Why a connection is turned away right after the upgrade.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub error: ErrorCode,
+    pub close: CloseCode,
+    pub message: String,
 }
 
 /// A refusal to send back as an `error` message.
@@ -91,7 +101,6 @@ struct Session {
 /// Runs a connection to its end.
 pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     let settings = &ctx.settings.ws;
-    let _ = start.stream.set_nodelay(true);
     let (read_half, write_half) = start.stream.into_split();
     let outbound = Outbound::new(settings.send_queue_bytes);
     let mut writer = tokio::spawn(writer::run(
@@ -101,12 +110,14 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         settings.heartbeat_interval,
     ));
 
-    let Some(_slot) = start.slot else {
-        let message = "the server is at its connection limit; retry later";
-        let _ = outbound.push(ErrorBody::new(ErrorCode::TooManyConnections, message).to_frame());
-        outbound.close(CloseCode::TryAgainLater, message);
-        let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
-        return;
+    let _slot = match start.admission {
+        Ok(slot) => slot,
+        Err(refused) => {
+            let _ = outbound.push(ErrorBody::new(refused.error, refused.message.as_str()).to_frame());
+            outbound.close(refused.close, &refused.message);
+            let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
+            return;
+        }
     };
 
     let conn = Arc::new(Connection {

@@ -1,8 +1,9 @@
 //! The WebSocket handshake: who is connecting, whether they may, and the hand-over to a session.
 //!
-//! Refusals that can be given in HTTP are (403 for a forbidden Origin, 400 for a request that is
-//! not a WebSocket upgrade, 503 while shutting down); refusals a browser must be able to read
-//! (a full node) complete the upgrade and say why in an `error` message and a close code.
+//! Refusals about the request itself are HTTP answers (403 for a forbidden Origin, 400 for a
+//! request that is not a WebSocket upgrade, 503 while shutting down). Refusals of the client
+//! (bad or missing token: 4001; full node: 1013) complete the upgrade and say why in an `error`
+//! message and a close code, because a browser cannot read the body of a failed upgrade.
 
 use std::sync::Arc;
 
@@ -13,11 +14,11 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::session::{self, Identity, SessionStart};
+use super::session::{self, Identity, Refused, SessionStart};
 use crate::auth;
 use crate::http::{json_error, Body};
 use crate::node::NodeContext;
-use crate::protocol::codes::ErrorCode;
+use crate::protocol::codes::{CloseCode, ErrorCode};
 
 /// Longest accepted client label.
 const MAX_CLIENT_ID_LEN: usize = 128;
@@ -46,10 +47,11 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
             format!("clientId is longer than {MAX_CLIENT_ID_LEN} bytes"),
         );
     }
-    let user_id = match auth::connecting_user(&ctx.settings, params.token.as_deref(), params.user_id) {
-        Ok(user) => user,
-        Err(e) => return json_error(ErrorCode::Unauthorized, e.to_string()),
-    };
+    let (user_id, auth_error) =
+        match auth::connecting_user(&ctx.settings, params.token.as_deref(), params.user_id) {
+            Ok(user) => (user, None),
+            Err(e) => (None, Some(e)),
+        };
     let identity = Identity {
         client_id: params.client_id.unwrap_or_else(generated_client_id),
         user_id,
@@ -59,7 +61,18 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
         Err(e) => return json_error(ErrorCode::InvalidOperation, format!("bad upgrade: {e}")),
     };
     // Admission is decided before the 101 so the slot is held from the first byte.
-    let slot = ctx.slots.try_acquire();
+    let admission = match auth_error {
+        Some(e) => Err(Refused {
+            error: ErrorCode::Unauthorized,
+            close: CloseCode::Unauthorized,
+            message: e.to_string(),
+        }),
+        None => ctx.slots.try_acquire().ok_or_else(|| Refused {
+            error: ErrorCode::TooManyConnections,
+            close: CloseCode::TryAgainLater,
+            message: "the server is at its connection limit; retry later".into(),
+        }),
+    };
     let initial_topics = params.subscriptions;
     tokio::spawn(async move {
         let ws = match upgrade.await {
@@ -84,7 +97,7 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
                 read_ahead: parts.read_buf,
                 identity,
                 initial_topics,
-                slot,
+                admission,
             },
         )
         .await;
