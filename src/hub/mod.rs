@@ -108,7 +108,12 @@ impl Hub {
 
     /// Subscribes (or re-subscribes with new options); returns `true` when `topic` had no local
     /// subscriber before.
-    pub fn subscribe(&self, topic: &Arc<str>, conn: &Arc<Connection>, options: &SubscriptionOptions) -> bool {
+    pub fn subscribe(
+        &self,
+        topic: &Arc<str>,
+        conn: &Arc<Connection>,
+        options: &SubscriptionOptions,
+    ) -> bool {
         let subscriber = Subscriber {
             conn: Arc::clone(conn),
             filter: options.filter.clone(),
@@ -148,12 +153,17 @@ impl Hub {
         let Some(subs) = self.topics.get(&*publication.topic) else {
             return delivery;
         };
-        // Parsed at most once per publication, and only if some subscriber filters.
-        let mut data: Option<Option<serde_json::Value>> = None;
+        // The data tree is parsed once per publication, and only if some subscriber filters.
+        let mut scratch = Vec::new();
+        let data = if subs.values().any(|s| s.filter.is_some()) {
+            scratch.extend_from_slice(&publication.data);
+            simd_json::to_borrowed_value(&mut scratch).ok()
+        } else {
+            None
+        };
         for sub in subs.values() {
             if let Some(filter) = &sub.filter {
-                let value = data.get_or_insert_with(|| publication.data_value());
-                if !value.as_ref().is_some_and(|v| filter.matches(v)) {
+                if !data.as_ref().is_some_and(|d| filter.matches(d)) {
                     delivery.filtered += 1;
                     continue;
                 }
@@ -221,7 +231,12 @@ impl Hub {
         self.close_where(|_| true, code, reason)
     }
 
-    fn close_where(&self, pick: impl Fn(&Connection) -> bool, code: CloseCode, reason: &str) -> usize {
+    fn close_where(
+        &self,
+        pick: impl Fn(&Connection) -> bool,
+        code: CloseCode,
+        reason: &str,
+    ) -> usize {
         let mut n = 0;
         for c in self.connections.iter().filter(|c| pick(c)) {
             c.outbound.close(code, reason);
@@ -254,7 +269,13 @@ impl Hub {
     pub fn presence(&self, topic: &str) -> Vec<(ConnId, Arc<str>, Option<Arc<str>>)> {
         self.topics.get(topic).map_or_else(Vec::new, |subs| {
             subs.values()
-                .map(|s| (s.conn.id, Arc::clone(&s.conn.client_id), s.conn.user_id.clone()))
+                .map(|s| {
+                    (
+                        s.conn.id,
+                        Arc::clone(&s.conn.client_id),
+                        s.conn.user_id.clone(),
+                    )
+                })
                 .collect()
         })
     }
