@@ -25,12 +25,33 @@ use crate::protocol::topic;
 struct ApiError {
     code: ErrorCode,
     message: String,
+    /// The `Allow` header of a 405.
+    allow: Option<&'static str>,
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ApiError {
     ApiError {
         code,
         message: message.into(),
+        allow: None,
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> ApiError {
+    ApiError {
+        allow: Some(allow),
+        ..refuse(ErrorCode::MethodNotAllowed, format!("use {allow}"))
+    }
+}
+
+impl ApiError {
+    fn into_response(self) -> Response<Body> {
+        let mut resp = json_error(self.code, self.message);
+        if let Some(allow) = self.allow {
+            resp.headers_mut()
+                .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+        }
+        resp
     }
 }
 
@@ -54,14 +75,14 @@ pub async fn handle(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketA
         (&Method::POST, "/api/ws/broadcast") => broadcast(&ctx, req).await,
         (&Method::POST, "/api/disconnect") => disconnect(&ctx, req).await,
         (_, "/api/ws/status" | "/api/info" | "/api/presence") => {
-            Err(refuse(ErrorCode::MethodNotAllowed, "use GET"))
+            Err(method_not_allowed("GET"))
         }
         (_, "/api/publish" | "/api/ws/send" | "/api/ws/broadcast" | "/api/disconnect") => {
-            Err(refuse(ErrorCode::MethodNotAllowed, "use POST"))
+            Err(method_not_allowed("POST"))
         }
         (_, path) => Err(refuse(ErrorCode::NotFound, format!("no API route {path}"))),
     };
-    result.unwrap_or_else(|e| json_error(e.code, e.message))
+    result.unwrap_or_else(ApiError::into_response)
 }
 
 /// Reads a JSON body of at most `max_message_size` bytes into `T`.

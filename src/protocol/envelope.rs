@@ -77,6 +77,21 @@ impl<'a> Inbound<'a> {
     }
 }
 
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(rename = "messageId", borrow, default)]
+    message_id: Option<&'a RawValue>,
+}
+
+/// The request id of a message that is refused before or despite a full parse (rate limit,
+/// missing `type`), so even those errors carry `requestId`. `None` when it is not a JSON object.
+pub fn request_id_of(text: &str) -> Option<&RawValue> {
+    let ids: IdOnly<'_> = serde_json::from_str(text).ok()?;
+    ids.id.or(ids.message_id)
+}
+
 /// A fresh server message id: a per-process random prefix and a counter (unique per node run).
 pub fn next_message_id() -> String {
     static PREFIX: OnceLock<u32> = OnceLock::new();
@@ -202,6 +217,14 @@ mod tests {
             Inbound::parse(r#"{"type":5}"#),
             Err(EnvelopeError::Json(_))
         ));
+    }
+
+    #[test]
+    fn request_id_survives_refusals() {
+        assert_eq!(request_id_of(r#"{"id":"r1"}"#).map(RawValue::get), Some(r#""r1""#));
+        // A bad `type` does not hide the id.
+        assert_eq!(request_id_of(r#"{"messageId":3,"type":5}"#).map(RawValue::get), Some("3"));
+        assert!(request_id_of("not json").is_none());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::hub::{ConnId, Connection};
 use crate::limits::{Slot, TokenBucket};
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
-use crate::protocol::envelope::{now_millis, server_message, ErrorBody, Inbound};
+use crate::protocol::envelope::{now_millis, request_id_of, server_message, ErrorBody, Inbound};
 use crate::protocol::{filter, topic};
 
 /// Who is on the other end, as established by the upgrade.
@@ -166,9 +166,12 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         Exit::Gone => outbound.abort(),
     }
     session.leave();
-    if tokio::time::timeout(settings.write_timeout, &mut writer)
-        .await
-        .is_err()
+    // The read loop may already have polled the writer to completion (`Exit::Gone`); polling a
+    // finished JoinHandle again panics, so only wait for a writer that is still running.
+    if !writer.is_finished()
+        && tokio::time::timeout(settings.write_timeout, &mut writer)
+            .await
+            .is_err()
     {
         writer.abort();
     }
@@ -275,14 +278,16 @@ impl Session {
                 ErrorCode::RateLimitExceeded,
                 "too many messages; this one was dropped",
             )
-            .retry_after_ms(retry_ms);
+            .retry_after_ms(retry_ms)
+            .request_id(request_id_of(text));
             let _ = self.conn.outbound.push(body.to_frame());
             return;
         }
         let msg = match Inbound::parse(text) {
             Ok(msg) => msg,
             Err(e) => {
-                self.refuse(Refusal::new(ErrorCode::InvalidMessageFormat, e.to_string()), None);
+                let refusal = Refusal::new(ErrorCode::InvalidMessageFormat, e.to_string());
+                self.refuse(refusal, request_id_of(text));
                 return;
             }
         };

@@ -110,7 +110,12 @@ fn check_origin(ctx: &NodeContext, origin: Option<&HeaderValue>) -> Result<(), S
     if allowed.is_empty() {
         return Ok(());
     }
-    let origin = origin.and_then(|o| o.to_str().ok()).unwrap_or_default();
+    // Only browsers send Origin, and the allowlist exists to stop other sites' pages from
+    // opening sockets with a user's cookies; clients without an Origin are not browsers.
+    let Some(origin) = origin else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
     if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
         Ok(())
     } else {
