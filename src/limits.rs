@@ -37,10 +37,15 @@ impl TokenBucket {
     }
 }
 
-/// Node-wide connection admission: at most `max` live connections.
+/// Node admission: at most `limit` live connections.
+///
+/// Alone (in-process broker) the limit is `max_connections`. With the Redis broker the limit is
+/// the number of slots this node has reserved from the cluster-wide budget
+/// (`broker::redis::admission`), raised and lowered block by block.
 #[derive(Debug)]
 pub struct ConnectionSlots {
     live: AtomicUsize,
+    limit: AtomicUsize,
     max: usize,
 }
 
@@ -51,18 +56,25 @@ pub struct Slot {
 }
 
 impl ConnectionSlots {
+    /// Slots with the limit at `max`.
     pub fn new(max: usize) -> Arc<Self> {
+        Self::with_limit(max, max)
+    }
+
+    /// Slots whose limit starts at `limit` (cluster admission starts at 0 and reserves).
+    pub fn with_limit(max: usize, limit: usize) -> Arc<Self> {
         Arc::new(ConnectionSlots {
             live: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
             max,
         })
     }
 
-    /// Admits one connection, or `None` when the node is full.
+    /// Admits one connection, or `None` when the node is at its limit.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
         self.live
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < self.limit.load(Ordering::Acquire)).then_some(n + 1)
             })
             .ok()
             .map(|_| Slot {
@@ -74,8 +86,20 @@ impl ConnectionSlots {
         self.live.load(Ordering::Acquire)
     }
 
+    /// The configured `max_connections` (cluster-wide with Redis).
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// How many connections this node may hold right now.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// Changes the limit (cluster admission after a reservation changed). Connections already
+    /// admitted stay; only new ones see the new limit.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Release);
     }
 }
 
@@ -110,5 +134,18 @@ mod tests {
         assert!(slots.try_acquire().is_none());
         drop(a);
         assert!(slots.try_acquire().is_some());
+    }
+
+    #[test]
+    fn limit_moves_without_touching_admitted_connections() {
+        let slots = ConnectionSlots::with_limit(100, 0);
+        assert!(slots.try_acquire().is_none());
+        slots.set_limit(1);
+        let held = slots.try_acquire().expect("one reserved");
+        slots.set_limit(0);
+        assert!(slots.try_acquire().is_none());
+        assert_eq!(slots.live(), 1);
+        drop(held);
+        assert_eq!(slots.live(), 0);
     }
 }

@@ -76,7 +76,7 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         source,
     })?;
     let hub = Hub::new();
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub)));
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub), &settings.node_id));
     let ctx = Arc::new(NodeContext {
         slots: ConnectionSlots::new(settings.ws.max_connections),
         settings: Arc::new(settings),

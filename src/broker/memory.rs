@@ -10,22 +10,24 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    Broker, BrokerError, Direct, DisconnectTarget, PublishReceipt, Recipient, TopicMessage,
-    UpstreamMessage,
+    Broker, BrokerError, ClusterStatus, Direct, DisconnectTarget, NodeStatus, PresenceMember,
+    PublishReceipt, Recipient, TopicMessage, UpstreamMessage,
 };
-use crate::hub::{DirectMessage, Hub, Publication};
+use crate::hub::{Connection, DirectMessage, Hub, Publication};
 use crate::protocol::codes::CloseCode;
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
+    node_id: String,
     epoch: String,
     seqs: DashMap<String, AtomicU64>,
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>) -> Self {
+    pub fn new(hub: Arc<Hub>, node_id: &str) -> Self {
         MemoryBroker {
             hub,
+            node_id: node_id.to_string(),
             epoch: format!("{:08x}", rand::random::<u32>()),
             seqs: DashMap::new(),
         }
@@ -59,6 +61,19 @@ pub fn deliver_direct(hub: &Hub, msg: &Direct) -> usize {
         Recipient::Connection(id) => usize::from(hub.deliver_to_connection(*id, frame)),
         Recipient::Everyone => hub.deliver_to_all(&frame),
     }
+}
+
+/// This node's subscribers of `topic` as presence members.
+pub fn local_presence(hub: &Hub, node_id: &str, topic: &str) -> Vec<PresenceMember> {
+    hub.presence(topic)
+        .into_iter()
+        .map(|(id, client, user)| PresenceMember {
+            connection_id: id,
+            node: node_id.to_string(),
+            client_id: client.to_string(),
+            user_id: user.as_deref().map(str::to_string),
+        })
+        .collect()
 }
 
 /// Closes the local connections of a disconnect target.
@@ -100,6 +115,28 @@ impl Broker for MemoryBroker {
     fn topic_interest(&self, _topic: &str, _interested: bool) {}
 
     fn user_interest(&self, _user: &str, _interested: bool) {}
+
+    fn presence_changed(&self, _topic: &str, _conn: &Connection, _joined: bool) {}
+
+    async fn grow_admission(&self) -> bool {
+        // One node: max_connections is the whole budget from the start.
+        false
+    }
+
+    async fn cluster_status(&self) -> Result<ClusterStatus, BrokerError> {
+        Ok(ClusterStatus {
+            online_count: self.hub.connection_count(),
+            online_users: self.hub.online_users(),
+            nodes: vec![NodeStatus {
+                id: self.node_id.clone(),
+                connections: self.hub.connection_count(),
+            }],
+        })
+    }
+
+    async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError> {
+        Ok(local_presence(&self.hub, &self.node_id, topic))
+    }
 
     fn is_ready(&self) -> bool {
         true

@@ -7,11 +7,12 @@
 //! first connection of a user) so a cluster broker only listens to what this node needs.
 
 pub mod memory;
+pub mod redis;
 
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 
-use crate::hub::ConnId;
+use crate::hub::{ConnId, Connection};
 
 /// A publication request: the broker assigns `seq`/`epoch` and fans it out.
 #[derive(Debug, Clone)]
@@ -74,6 +75,35 @@ pub struct UpstreamMessage {
     pub raw: String,
 }
 
+/// One node as the cluster sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub connections: usize,
+}
+
+/// Cluster-wide presence for `/api/ws/status` and `/api/info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// Connections on all live nodes.
+    pub online_count: usize,
+    /// Users with at least one connection anywhere, sorted.
+    pub online_users: Vec<String>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One connection subscribed to a topic, anywhere in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PresenceMember {
+    #[serde(rename = "connectionId")]
+    pub connection_id: ConnId,
+    pub node: String,
+    #[serde(rename = "clientId")]
+    pub client_id: String,
+    #[serde(rename = "userId")]
+    pub user_id: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("no backend is configured to handle message type {0:?}")]
@@ -101,6 +131,19 @@ pub trait Broker: Send + Sync + 'static {
 
     /// `user` gained its first local connection (`true`) or lost its last (`false`).
     fn user_interest(&self, user: &str, interested: bool);
+
+    /// `conn` joined (`true`) or left (`false`) `topic`, for per-topic presence.
+    fn presence_changed(&self, topic: &str, conn: &Connection, joined: bool);
+
+    /// Asks for room for more connections on this node (cluster admission); `true` when the
+    /// node's connection limit was raised.
+    async fn grow_admission(&self) -> bool;
+
+    /// Who is online across the cluster.
+    async fn cluster_status(&self) -> Result<ClusterStatus, BrokerError>;
+
+    /// Who is subscribed to `topic` across the cluster.
+    async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError>;
 
     /// Whether the broker can carry messages now (for `/readyz`).
     fn is_ready(&self) -> bool;

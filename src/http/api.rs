@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::{json_error, json_response, Body};
 use crate::auth::{self, AuthError};
-use crate::broker::{Direct, DisconnectTarget, Recipient, TopicMessage};
+use crate::broker::{BrokerError, Direct, DisconnectTarget, Recipient, TopicMessage};
 use crate::hub::ConnId;
 use crate::node::NodeContext;
 use crate::protocol::codes::ErrorCode;
@@ -67,9 +67,9 @@ pub async fn handle(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketA
     }
     let route = (req.method().clone(), req.uri().path().to_string());
     let result = match (&route.0, route.1.as_str()) {
-        (&Method::GET, "/api/ws/status") => Ok(status(&ctx)),
-        (&Method::GET, "/api/info") => Ok(info(&ctx)),
-        (&Method::GET, "/api/presence") => presence(&ctx, &req),
+        (&Method::GET, "/api/ws/status") => status(&ctx).await,
+        (&Method::GET, "/api/info") => info(&ctx).await,
+        (&Method::GET, "/api/presence") => presence(&ctx, &req).await,
         (&Method::POST, "/api/publish") => publish(&ctx, req).await,
         (&Method::POST, "/api/ws/send") => send(&ctx, req).await,
         (&Method::POST, "/api/ws/broadcast") => broadcast(&ctx, req).await,
@@ -149,7 +149,7 @@ async fn publish(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
             data,
         })
         .await
-        .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(unavailable)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "topic": topic, "seq": receipt.seq, "epoch": receipt.epoch,
@@ -209,7 +209,7 @@ async fn deliver(ctx: &NodeContext, msg: Direct) -> ApiResult {
         .broker
         .send(msg)
         .await
-        .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(unavailable)?;
     Ok(json_response(StatusCode::OK, &json!({"ok": true, "delivered": delivered})))
 }
 
@@ -237,26 +237,29 @@ async fn disconnect(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
         .broker
         .disconnect(target)
         .await
-        .map_err(|e| refuse(ErrorCode::Unavailable, e.to_string()))?;
+        .map_err(unavailable)?;
     Ok(json_response(StatusCode::OK, &json!({"ok": true, "disconnected": n})))
 }
 
-fn status(ctx: &NodeContext) -> Response<Body> {
-    let users = ctx.hub.online_users();
-    json_response(
+async fn status(ctx: &NodeContext) -> ApiResult {
+    let cluster = ctx.broker.cluster_status().await.map_err(unavailable)?;
+    Ok(json_response(
         StatusCode::OK,
         &json!({
-            "online_count": ctx.hub.connection_count(),
-            "online_users": users,
-            "online_user_count": users.len(),
-            "topics": ctx.hub.topic_count(),
+            "online_count": cluster.online_count,
+            "online_users": cluster.online_users,
+            "online_user_count": cluster.online_users.len(),
+            "nodes": cluster.nodes.len(),
             "node": ctx.settings.node_id,
+            "node_connections": ctx.hub.connection_count(),
+            "node_topics": ctx.hub.topic_count(),
         }),
-    )
+    ))
 }
 
-fn info(ctx: &NodeContext) -> Response<Body> {
-    json_response(
+async fn info(ctx: &NodeContext) -> ApiResult {
+    let cluster = ctx.broker.cluster_status().await.map_err(unavailable)?;
+    Ok(json_response(
         StatusCode::OK,
         &json!({
             "node": ctx.settings.node_id,
@@ -264,29 +267,26 @@ fn info(ctx: &NodeContext) -> Response<Body> {
             "broker": ctx.broker.name(),
             "uptime_seconds": ctx.started_at.elapsed().as_secs(),
             "ready": !ctx.is_shutting_down() && ctx.broker.is_ready(),
-            "nodes": [{
-                "id": ctx.settings.node_id,
-                "connections": ctx.hub.connection_count(),
-                "max_connections": ctx.slots.max(),
-            }],
+            "max_connections": ctx.slots.max(),
+            "node_connection_limit": ctx.slots.limit(),
+            "nodes": cluster.nodes,
         }),
-    )
+    ))
 }
 
-fn presence(ctx: &NodeContext, req: &Request<Incoming>) -> ApiResult {
+async fn presence(ctx: &NodeContext, req: &Request<Incoming>) -> ApiResult {
     let query = req.uri().query().unwrap_or_default();
     let topic = url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "topic")
         .map(|(_, v)| v.into_owned())
         .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "add ?topic=NAME"))?;
-    let members: Vec<_> = ctx
-        .hub
-        .presence(&topic)
-        .into_iter()
-        .map(|(id, client, user)| json!({"connectionId": id, "clientId": &*client, "userId": user.as_deref()}))
-        .collect();
+    let members = ctx.broker.topic_presence(&topic).await.map_err(unavailable)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"topic": topic, "count": members.len(), "members": members}),
     ))
+}
+
+fn unavailable(e: BrokerError) -> ApiError {
+    refuse(ErrorCode::Unavailable, e.to_string())
 }

@@ -48,11 +48,23 @@ pub enum EnvelopeError {
     MissingType,
     #[error("`type` must not be empty")]
     EmptyType,
+    #[error("message is not a JSON object")]
+    NotAnObject,
+}
+
+/// Whether `text` can only be a JSON object. Derived deserializers also accept arrays (fields
+/// by position), so `["ping"]` would otherwise pass for `{"type":"ping"}`.
+fn is_json_object(text: &str) -> bool {
+    text.trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
 }
 
 impl<'a> Inbound<'a> {
     /// Parses one text message.
     pub fn parse(text: &'a str) -> Result<Self, EnvelopeError> {
+        if !is_json_object(text) {
+            return Err(EnvelopeError::NotAnObject);
+        }
         let msg: Inbound<'a> = serde_json::from_str(text)?;
         match msg.kind.as_deref() {
             None => Err(EnvelopeError::MissingType),
@@ -88,6 +100,9 @@ struct IdOnly<'a> {
 /// The request id of a message that is refused before or despite a full parse (rate limit,
 /// missing `type`), so even those errors carry `requestId`. `None` when it is not a JSON object.
 pub fn request_id_of(text: &str) -> Option<&RawValue> {
+    if !is_json_object(text) {
+        return None;
+    }
     let ids: IdOnly<'_> = serde_json::from_str(text).ok()?;
     ids.id.or(ids.message_id)
 }
@@ -212,7 +227,16 @@ mod tests {
             Inbound::parse(r#"{"type":""}"#),
             Err(EnvelopeError::EmptyType)
         ));
-        assert!(matches!(Inbound::parse("[1]"), Err(EnvelopeError::Json(_))));
+        assert!(matches!(
+            Inbound::parse("[1]"),
+            Err(EnvelopeError::NotAnObject)
+        ));
+        // Arrays would otherwise fill the envelope's fields by position.
+        assert!(matches!(
+            Inbound::parse(r#" ["ping","x"]"#),
+            Err(EnvelopeError::NotAnObject)
+        ));
+        assert!(request_id_of(r#"[1,2]"#).is_none());
         assert!(matches!(
             Inbound::parse(r#"{"type":5}"#),
             Err(EnvelopeError::Json(_))

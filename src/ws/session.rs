@@ -342,6 +342,7 @@ impl Session {
                 if self.ctx.hub.unsubscribe(&topic, self.conn.id) {
                     self.ctx.broker.topic_interest(&topic, false);
                 }
+                self.ctx.broker.presence_changed(&topic, &self.conn, false);
             }
         }
         Ok(self.reply(
@@ -396,7 +397,9 @@ impl Session {
             if self.ctx.hub.subscribe(&topic, &self.conn, &opts) {
                 self.ctx.broker.topic_interest(&topic, true);
             }
-            self.subscriptions.insert(topic);
+            if self.subscriptions.insert(Arc::clone(&topic)) {
+                self.ctx.broker.presence_changed(&topic, &self.conn, true);
+            }
         }
         Ok(topics)
     }
@@ -534,6 +537,9 @@ impl Session {
     fn leave(&mut self) {
         let topics: Vec<Arc<str>> = self.subscriptions.drain().collect();
         let (user_gone, emptied) = self.ctx.hub.unregister(&self.conn, &topics);
+        for topic in &topics {
+            self.ctx.broker.presence_changed(topic, &self.conn, false);
+        }
         for topic in emptied {
             self.ctx.broker.topic_interest(&topic, false);
         }

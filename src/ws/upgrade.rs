@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::session::{self, Identity, Refused, SessionStart};
 use crate::auth;
+use crate::limits::Slot;
 use crate::http::{json_error, Body};
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
@@ -60,21 +61,17 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
         Ok(pair) => pair,
         Err(e) => return json_error(ErrorCode::InvalidOperation, format!("bad upgrade: {e}")),
     };
-    // Admission is decided before the 101 so the slot is held from the first byte.
-    let admission = match auth_error {
-        Some(e) => Err(Refused {
-            error: ErrorCode::Unauthorized,
-            close: CloseCode::Unauthorized,
-            message: e.to_string(),
-        }),
-        None => ctx.slots.try_acquire().ok_or_else(|| Refused {
-            error: ErrorCode::TooManyConnections,
-            close: CloseCode::TryAgainLater,
-            message: "the server is at its connection limit; retry later".into(),
-        }),
-    };
+
     let initial_topics = params.subscriptions;
     tokio::spawn(async move {
+        let admission = match auth_error {
+            Some(e) => Err(Refused {
+                error: ErrorCode::Unauthorized,
+                close: CloseCode::Unauthorized,
+                message: e.to_string(),
+            }),
+            None => admit(&ctx).await,
+        };
         let ws = match upgrade.await {
             Ok(ws) => ws,
             Err(e) => {
@@ -103,6 +100,24 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
         .await;
     });
     response.map(|_| Body::new(Bytes::new()))
+}
+
+/// A connection slot: from this node's current limit, or after the broker raised it (cluster
+/// admission reserves room block by block, so most connects never wait on Redis).
+async fn admit(ctx: &NodeContext) -> Result<Slot, Refused> {
+    if let Some(slot) = ctx.slots.try_acquire() {
+        return Ok(slot);
+    }
+    if ctx.broker.grow_admission().await {
+        if let Some(slot) = ctx.slots.try_acquire() {
+            return Ok(slot);
+        }
+    }
+    Err(Refused {
+        error: ErrorCode::TooManyConnections,
+        close: CloseCode::TryAgainLater,
+        message: "the server is at its connection limit; retry later".into(),
+    })
 }
 
 fn check_origin(ctx: &NodeContext, origin: Option<&HeaderValue>) -> Result<(), String> {
