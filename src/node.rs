@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::hub::Hub;
@@ -46,8 +47,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("the Redis broker is not available in this build yet (redis.url = {0:?})")]
-    RedisNotAvailable(Vec<String>),
+    #[error("cannot start the broker: {0}")]
+    Broker(#[from] crate::broker::BrokerError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -62,9 +63,6 @@ pub struct RunningNode {
 
 /// Binds the listener and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
-    if !settings.redis_urls.is_empty() {
-        return Err(NodeError::RedisNotAvailable(settings.redis_urls.clone()));
-    }
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|source| NodeError::Bind {
@@ -76,9 +74,17 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         source,
     })?;
     let hub = Hub::new();
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Arc::clone(&hub), &settings.node_id));
+    let (broker, slots): (Arc<dyn Broker>, _) = if settings.redis_urls.is_empty() {
+        let slots = ConnectionSlots::new(settings.ws.max_connections);
+        (Arc::new(MemoryBroker::new(Arc::clone(&hub), &settings.node_id)), slots)
+    } else {
+        // Cluster admission starts with no slots and reserves them from Redis block by block.
+        let slots = ConnectionSlots::with_limit(settings.ws.max_connections, 0);
+        let broker = RedisBroker::start(&settings, Arc::clone(&hub), Arc::clone(&slots))?;
+        (Arc::new(broker), slots)
+    };
     let ctx = Arc::new(NodeContext {
-        slots: ConnectionSlots::new(settings.ws.max_connections),
+        slots,
         settings: Arc::new(settings),
         hub,
         broker,
@@ -143,6 +149,7 @@ impl RunningNode {
         while self.ctx.hub.connection_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.ctx.broker.shutdown().await;
     }
 }
 

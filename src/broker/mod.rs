@@ -150,4 +150,7 @@ pub trait Broker: Send + Sync + 'static {
 
     /// `"memory"` or `"redis"`, for `/api/info`.
     fn name(&self) -> &'static str;
+
+    /// Leaves the cluster cleanly (returns reserved slots, leaves the registry).
+    async fn shutdown(&self) {}
 }

@@ -107,6 +107,12 @@ async fn read_json<T: for<'de> Deserialize<'de>>(ctx: &NodeContext, req: Request
         .map_err(|e| refuse(ErrorCode::InvalidMessageFormat, format!("invalid JSON body: {e}")))
 }
 
+/// Deserializes a field that is present, `null` included (plain `Option` would turn an
+/// explicit `null` into "absent").
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
 /// The payload of a request: `data`, or `content` (then repeated as `content` to clients).
 fn payload(data: Option<Box<RawValue>>, content: Option<Box<RawValue>>) -> Result<(Box<RawValue>, bool), ApiError> {
     match (data, content) {
@@ -129,6 +135,7 @@ struct PublishBody {
     topic: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
 }
 
@@ -164,7 +171,9 @@ struct SendBody {
     to: Option<String>,
     #[serde(rename = "connectionId")]
     connection_id: Option<ConnId>,
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
     content: Option<Box<RawValue>>,
 }
 
@@ -189,7 +198,9 @@ async fn send(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
 struct BroadcastBody {
     #[serde(rename = "type")]
     kind: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
     content: Option<Box<RawValue>>,
 }
 

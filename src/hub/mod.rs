@@ -249,6 +249,16 @@ impl Hub {
         self.connections.len()
     }
 
+    /// Whether connection `id` is on this node.
+    pub fn has_connection(&self, id: ConnId) -> bool {
+        self.connections.contains_key(&id)
+    }
+
+    /// Users with at least one local connection.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
     pub fn topic_count(&self) -> usize {
         self.topics.len()
     }

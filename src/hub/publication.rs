@@ -17,8 +17,10 @@ use crate::ws::frame;
 #[derive(Debug, Clone)]
 pub struct Publication {
     pub topic: Arc<str>,
-    pub seq: u64,
-    pub epoch: Arc<str>,
+    /// Position in the topic's sequence; `None` for messages a backend published straight to
+    /// Redis without going through the sequencing script.
+    pub seq: Option<u64>,
+    pub epoch: Option<Arc<str>>,
     /// The publisher's `data` as JSON text, kept for subscription filters.
     pub data: Bytes,
     /// The complete text frame every subscriber receives.
@@ -32,14 +34,30 @@ struct PublicationWire<'a> {
     id: &'a str,
     timestamp: &'a str,
     topic: &'a str,
-    seq: u64,
-    epoch: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
     data: &'a RawValue,
 }
 
 impl Publication {
     /// Encodes `{type, id, timestamp, topic, seq, epoch, data}` into its frame, once.
     pub fn encode(topic: &str, kind: &str, seq: u64, epoch: &str, data: &RawValue) -> Self {
+        Self::encode_with(topic, kind, Some((seq, epoch)), data)
+    }
+
+    /// Encodes a publication that has no place in the topic's sequence (no `seq`/`epoch`).
+    pub fn encode_unsequenced(topic: &str, kind: &str, data: &RawValue) -> Self {
+        Self::encode_with(topic, kind, None, data)
+    }
+
+    fn encode_with(
+        topic: &str,
+        kind: &str,
+        sequence: Option<(u64, &str)>,
+        data: &RawValue,
+    ) -> Self {
         let id = next_message_id();
         let timestamp = now_rfc3339();
         let frame = frame::json_text(&PublicationWire {
@@ -47,21 +65,21 @@ impl Publication {
             id: &id,
             timestamp: &timestamp,
             topic,
-            seq,
-            epoch,
+            seq: sequence.map(|(seq, _)| seq),
+            epoch: sequence.map(|(_, epoch)| epoch),
             data,
         });
         Publication {
             topic: Arc::from(topic),
-            seq,
-            epoch: Arc::from(epoch),
+            seq: sequence.map(|(seq, _)| seq),
+            epoch: sequence.map(|(_, epoch)| Arc::from(epoch)),
             data: Bytes::copy_from_slice(data.get().as_bytes()),
             frame,
         }
     }
 
-    /// The `data` as a value tree, for filters; `None` when it is not JSON (cannot happen for
-    /// publications built by [`Publication::encode`]).
+    /// The `data` as a value tree; `None` when it is not JSON (cannot happen for publications
+    /// built by [`Publication::encode`]).
     pub fn data_value(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.data).ok()
     }
@@ -135,6 +153,14 @@ mod tests {
         assert_eq!(v["epoch"], "e1");
         assert_eq!(v["data"]["status"], "ACTIVE");
         assert_eq!(p.data_value().expect("data")["status"], "ACTIVE");
+    }
+
+    #[test]
+    fn unsequenced_publication_has_no_seq_or_epoch() {
+        let data = RawValue::from_string("1".into()).expect("json");
+        let v = payload(&Publication::encode_unsequenced("t", "k", &data).frame);
+        assert!(v.get("seq").is_none() && v.get("epoch").is_none(), "{v}");
+        assert_eq!(v["data"], 1);
     }
 
     #[test]

@@ -405,10 +405,18 @@ impl Session {
     }
 
     async fn handle_publish(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
-        let req: PublishRequest = parse_data(msg.payload())?;
+        // Two shapes: `data: {topic, type, data}`, or a top-level `topic` with `data` as the
+        // payload itself (then the publication's type is "message").
+        let req: PublishRequest = match msg.topic.as_deref() {
+            Some(topic) => PublishRequest {
+                topic: Some(topic.to_string()),
+                kind: None,
+                data: msg.payload().map(RawValue::to_owned),
+            },
+            None => parse_data(msg.payload())?,
+        };
         let topic = req
             .topic
-            .or_else(|| msg.topic.as_deref().map(str::to_string))
             .ok_or_else(|| Refusal::new(ErrorCode::InvalidMessageFormat, "publish needs a `topic`"))?;
         topic::validate(&topic, self.ctx.settings.ws.max_topic_length)
             .map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.to_string()))?;
@@ -643,7 +651,7 @@ fn parse_data<T: for<'de> Deserialize<'de> + Default>(
 }
 
 fn null_raw() -> Box<RawValue> {
-    RawValue::from_string("null".into()).unwrap_or_else(|_| unreachable!("null is JSON"))
+    RawValue::NULL.to_owned()
 }
 
 fn protocol_error(reason: &str) -> Exit {

@@ -55,6 +55,15 @@ struct QueueState {
     finished: bool,
 }
 
+impl QueueState {
+    /// Drops every queued frame and its bytes (bytes already taken by the writer stay counted
+    /// until they are written).
+    fn discard_queued(&mut self) {
+        let dropped: usize = self.frames.drain(..).map(|f| f.len()).sum();
+        self.bytes -= dropped;
+    }
+}
+
 /// The producer side of one connection's queue, shared by the hub and the session.
 pub struct Outbound {
     state: Mutex<QueueState>,
@@ -79,7 +88,7 @@ impl Outbound {
             return Err(PushError::Closed);
         }
         if st.bytes + frame.len() > self.limit {
-            st.frames.clear();
+            st.discard_queued();
             st.closing = Some(farewell(CloseCode::SlowConsumer, "send queue full: slow consumer", true));
             drop(st);
             self.wake.notify_one();
@@ -118,7 +127,7 @@ impl Outbound {
         let mut st = self.state.lock();
         if st.closing.is_none() && !st.finished {
             if closing.discard_queue {
-                st.frames.clear();
+                st.discard_queued();
             }
             st.closing = Some(closing);
         }
@@ -210,22 +219,27 @@ async fn drain_loop(
             }
             continue;
         }
-        let batch_bytes: usize = batch.iter().map(Bytes::len).sum();
-        write_all(socket, &mut batch, write_timeout).await?;
-        outbound.state.lock().bytes -= batch_bytes;
+        // Bytes leave the bound as the kernel takes them, not when the whole batch is out, so
+        // a client that keeps reading is never cut off because one large batch is in flight.
+        write_all(socket, &mut batch, write_timeout, |n| {
+            outbound.state.lock().bytes -= n;
+        })
+        .await?;
         if let Some(closing) = closing {
             let mut farewell = closing.farewell;
-            write_all(socket, &mut farewell, write_timeout).await?;
+            write_all(socket, &mut farewell, write_timeout, |_| {}).await?;
             return Ok(());
         }
     }
 }
 
 /// Writes every frame of `frames` with as few vectored writes as the kernel allows; empties it.
+/// `on_written` hears how many bytes each write got out.
 async fn write_all(
     socket: &mut OwnedWriteHalf,
     frames: &mut Vec<Bytes>,
     write_timeout: Duration,
+    mut on_written: impl FnMut(usize),
 ) -> Result<(), WriterError> {
     let mut first = 0;
     while first < frames.len() {
@@ -237,6 +251,7 @@ async fn write_all(
         if written == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
         }
+        on_written(written);
         // Advance past fully written frames; trim a partly written one in place.
         let mut left = written;
         while left > 0 {

@@ -60,7 +60,10 @@ impl Client {
     }
 
     pub async fn send_text(&mut self, s: &str) {
-        self.ws.send(Message::text(s.to_string())).await.expect("send");
+        self.ws
+            .send(Message::text(s.to_string()))
+            .await
+            .expect("send");
     }
 
     /// The next text message as JSON (skipping pings/pongs); panics on close or timeout.
@@ -72,7 +75,9 @@ impl Client {
                 .expect("stream open")
                 .expect("no error");
             match msg {
-                Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server sends JSON"),
+                Message::Text(t) => {
+                    return serde_json::from_str(t.as_str()).expect("server sends JSON")
+                }
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected a text message, got {other:?}"),
             }
@@ -98,9 +103,13 @@ impl Client {
     pub async fn expect_close(&mut self) -> (u16, String, Vec<Value>) {
         let mut seen = Vec::new();
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close in time");
             match next {
-                Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(t.as_str()).expect("JSON")),
+                Some(Ok(Message::Text(t))) => {
+                    seen.push(serde_json::from_str(t.as_str()).expect("JSON"))
+                }
                 Some(Ok(Message::Close(Some(frame)))) => {
                     return (u16::from(frame.code), frame.reason.to_string(), seen)
                 }
@@ -136,13 +145,25 @@ impl Client {
 }
 
 /// A minimal HTTP/1.1 request (`Connection: close`); returns status and JSON body (or Null).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> (u16, Value) {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let (status, raw) = http_raw(addr, method, path, body.as_bytes(), headers).await;
     (status, serde_json::from_slice(&raw).unwrap_or(Value::Null))
 }
 
-pub async fn http_raw(addr: SocketAddr, method: &str, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
+pub async fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> (u16, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -162,7 +183,11 @@ pub async fn http_raw(addr: SocketAddr, method: &str, path: &str, body: &[u8], h
         .await
         .expect("response in time")
         .expect("read");
-    let text_end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end") + 4;
+    let text_end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers end")
+        + 4;
     let head = String::from_utf8_lossy(&resp[..text_end]).to_string();
     let status: u16 = head
         .split_whitespace()
@@ -179,3 +204,282 @@ pub async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
     http(addr, "GET", path, None, &[]).await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Raw WebSocket client: the handshake and frames done by hand, for what a well-behaved client
+// library will not send (unmasked frames, invalid UTF-8, fragments of our choosing) and for
+// clients that never read or never answer pings.
+// ---------------------------------------------------------------------------------------------
+
+/// The RFC 6455 sample key and its accept value.
+const RAW_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const RAW_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+/// The mask every raw client frame uses (any value is valid; a fixed one keeps tests repeatable).
+const RAW_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// WebSocket opcodes for [`RawWs`].
+pub mod op {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+}
+
+/// One frame as the server sent it.
+#[derive(Debug, Clone)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+/// A WebSocket client with no protocol logic of its own: it answers nothing by itself.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// Builds one client frame; `mask: None` sends it unmasked (a protocol violation).
+pub fn raw_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(m) => {
+            f.extend_from_slice(&m);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+impl RawWs {
+    /// TCP connect and upgrade on `path_and_query`; panics unless the server answers 101.
+    pub async fn connect(addr: SocketAddr, path_and_query: &str) -> RawWs {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::handshake(stream, addr, path_and_query).await
+    }
+
+    /// Like [`RawWs::connect`] over a socket with a small receive buffer (`bytes`), so that a
+    /// client that does not read fills up quickly.
+    pub async fn connect_small_buffer(addr: SocketAddr, path_and_query: &str, bytes: u32) -> RawWs {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        Self::handshake(stream, addr, path_and_query).await
+    }
+
+    async fn handshake(mut stream: TcpStream, addr: SocketAddr, path_and_query: &str) -> RawWs {
+        let req = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {RAW_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .expect("write upgrade request");
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .expect("upgrade response in time")
+                .expect("read upgrade response");
+            assert!(
+                n > 0,
+                "connection closed during the handshake: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "expected 101, got {head}");
+        assert!(
+            head.to_ascii_lowercase().contains(&format!(
+                "sec-websocket-accept: {}",
+                RAW_ACCEPT.to_ascii_lowercase()
+            )),
+            "bad accept header in {head}"
+        );
+        RawWs {
+            stream,
+            buf,
+            pos: head_end,
+        }
+    }
+
+    /// Writes bytes exactly as given.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends one masked frame.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.send_raw(&raw_frame(fin, opcode, payload, Some(RAW_MASK)))
+            .await;
+    }
+
+    /// Sends one frame without the mask bit.
+    pub async fn send_unmasked(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.send_raw(&raw_frame(fin, opcode, payload, None)).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(true, op::TEXT, text.as_bytes()).await;
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// Makes `n` unread bytes available; false at EOF (or a reset connection).
+    async fn fill(&mut self, n: usize) -> bool {
+        while self.buf.len() - self.pos < n {
+            if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let read = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("server data in time");
+            match read {
+                Ok(0) | Err(_) => return false,
+                Ok(k) => self.buf.extend_from_slice(&chunk[..k]),
+            }
+        }
+        true
+    }
+
+    /// The next server frame; `None` when the stream ended. Panics on a masked server frame.
+    pub async fn read_frame(&mut self) -> Option<RawFrame> {
+        if !self.fill(2).await {
+            return None;
+        }
+        let (b0, b1) = (self.buf[self.pos], self.buf[self.pos + 1]);
+        assert_eq!(b1 & 0x80, 0, "server frames must not be masked");
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        if !self.fill(2 + ext).await {
+            return None;
+        }
+        let h = &self.buf[self.pos..];
+        let len = match ext {
+            2 => usize::from(u16::from_be_bytes([h[2], h[3]])),
+            8 => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")) as usize,
+            _ => usize::from(b1 & 0x7f),
+        };
+        if !self.fill(2 + ext + len).await {
+            return None;
+        }
+        let start = self.pos + 2 + ext;
+        let payload = self.buf[start..start + len].to_vec();
+        self.pos = start + len;
+        Some(RawFrame {
+            fin: b0 & 0x80 != 0,
+            opcode: b0 & 0x0f,
+            payload,
+        })
+    }
+
+    /// The next text message as JSON, skipping (not answering) pings and pongs.
+    pub async fn recv_json(&mut self) -> Value {
+        loop {
+            let f = self
+                .read_frame()
+                .await
+                .expect("a frame, not the end of the stream");
+            match f.opcode {
+                op::PING | op::PONG => continue,
+                op::TEXT => {
+                    assert!(f.fin, "server messages are not fragmented");
+                    return serde_json::from_slice(&f.payload).expect("server sends JSON");
+                }
+                other => panic!(
+                    "expected a text frame, got opcode {other} {:?}",
+                    String::from_utf8_lossy(&f.payload)
+                ),
+            }
+        }
+    }
+
+    pub async fn expect_type(&mut self, kind: &str) -> Value {
+        let v = self.recv_json().await;
+        assert_eq!(v["type"], kind, "expected a {kind} message, got {v}");
+        v
+    }
+
+    /// Reads until the close frame; returns its code and reason and the text messages before it
+    /// (pings and pongs skipped). Panics if the stream ends without a close frame.
+    pub async fn expect_close(&mut self) -> (u16, String, Vec<Value>) {
+        let mut seen = Vec::new();
+        loop {
+            let f = self
+                .read_frame()
+                .await
+                .unwrap_or_else(|| panic!("stream ended without a close frame; seen {seen:?}"));
+            match f.opcode {
+                op::TEXT => seen.push(serde_json::from_slice(&f.payload).expect("JSON")),
+                op::CLOSE => {
+                    let code = match f.payload.as_slice() {
+                        [hi, lo, ..] => u16::from_be_bytes([*hi, *lo]),
+                        _ => 1005,
+                    };
+                    let reason =
+                        String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default()).to_string();
+                    return (code, reason, seen);
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads every remaining frame until the server ends the stream (EOF).
+    pub async fn drain_to_eof(&mut self) -> Vec<RawFrame> {
+        let mut frames = Vec::new();
+        while let Some(f) = self.read_frame().await {
+            frames.push(f);
+        }
+        frames
+    }
+}
+
+/// Asserts that `msgs` holds a `disconnect` notice with `code` and `reconnect`; returns it.
+pub fn find_disconnect(msgs: &[Value], code: u16, reconnect: bool) -> Value {
+    let notice = msgs
+        .iter()
+        .find(|m| m["type"] == "disconnect")
+        .unwrap_or_else(|| panic!("no disconnect notice among {msgs:?}"))
+        .clone();
+    assert_eq!(notice["data"]["code"], code, "{notice}");
+    assert_eq!(notice["data"]["reconnect"], reconnect, "{notice}");
+    assert!(
+        notice["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{notice}"
+    );
+    notice
+}
+
+pub mod redis;

@@ -201,7 +201,8 @@ impl ClusterAdmission {
         if config.lease_ttl < Duration::from_millis(30) {
             config.lease_ttl = Duration::from_millis(30);
         }
-        let op_timeout = (config.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let op_timeout =
+            (config.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
         Arc::new(ClusterAdmission {
             pool,
             config,
@@ -463,7 +464,10 @@ mod tests {
 
     #[test]
     fn reservation_values_parse() {
-        assert_eq!(parse_reservation("16:1700000000000"), Some((16, 1_700_000_000_000)));
+        assert_eq!(
+            parse_reservation("16:1700000000000"),
+            Some((16, 1_700_000_000_000))
+        );
         assert_eq!(parse_reservation("x:1"), None);
         assert_eq!(parse_reservation("16"), None);
     }

@@ -1,0 +1,434 @@
+//! [`RedisBroker`]: the [`Broker`] that makes any number of nodes behave as one gateway.
+//!
+//! - Publishing goes through a Lua script on the topic's Redis instance that increments the
+//!   topic's sequence, keeps its epoch and publishes, all atomically; every node subscribed to
+//!   the topic's channel (this one included) then delivers it to its local subscribers.
+//! - A node subscribes only to what its own clients need: a topic's channel while it has a local
+//!   subscriber, a user's channel while that user has a local connection, plus the broadcast,
+//!   control and own-node channels (`pubsub` batches, lingers and resubscribes).
+//! - Commands use a deadpool-redis pool per instance; subscriptions a dedicated connection per
+//!   instance. With several URLs, topics and users are spread over the instances by jump hash
+//!   (`shard`); the broadcast, control, node, registry, admission and upstream names live on
+//!   the first instance.
+//!
+//! While Redis is unreachable, local connections stay up, `is_ready` is false (`/readyz` 503),
+//! and publishing answers `UNAVAILABLE` instead of accepting what it cannot deliver.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use deadpool_redis::{Pool, Runtime};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::admission::{AdmissionConfig, ClusterAdmission};
+use super::inbound;
+use super::keys;
+use super::presence::{Presence, PresenceConfig, PresenceEntry};
+use super::pubsub::{Subscriber, SubscriberConfig};
+use super::shard::shard_of;
+use crate::broker::memory::{deliver_direct, disconnect_local};
+use crate::broker::{
+    Broker, BrokerError, ClusterStatus, Direct, DisconnectTarget, NodeStatus, PresenceMember,
+    PublishReceipt, Recipient, TopicMessage, UpstreamMessage,
+};
+use crate::config::Settings;
+use crate::hub::{Connection, Hub};
+use crate::limits::ConnectionSlots;
+
+/// Upstream stream length cap (approximate trimming keeps XADD cheap).
+const UPSTREAM_MAXLEN: usize = 100_000;
+
+/// INCR the topic's sequence, (re)set its epoch when the sequence starts, publish the spec with
+/// `seq` and `epoch` spliced in front of its fields, return both.
+/// KEYS: seq, epoch, channel. ARGV: the spec without its opening `{`, a fresh epoch, the
+/// publish command (PUBLISH, or SPUBLISH in cluster mode).
+const PUBLISH_SCRIPT: &str = r#"
+local seq = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[2])
+if seq == 1 or not epoch then
+  epoch = ARGV[2]
+  redis.call('SET', KEYS[2], epoch)
+end
+redis.call(ARGV[3], KEYS[3], '{"seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .. ARGV[1])
+return {seq, epoch}
+"#;
+
+/// One Redis instance: a command pool and this node's subscription connection to it.
+struct Shard {
+    pool: Pool,
+    subscriber: Subscriber,
+}
+
+/// Presence updates, applied in order by one background task so a quick join/leave pair can
+/// never land in Redis the other way round.
+enum PresenceOp {
+    UserOnline(String),
+    UserOffline(String),
+    Join(String, PresenceEntry),
+    Leave(String, u64),
+}
+
+pub struct RedisBroker {
+    hub: Arc<Hub>,
+    node_id: String,
+    shards: Vec<Shard>,
+    publish_script: redis::Script,
+    presence: Arc<Presence>,
+    presence_ops: mpsc::UnboundedSender<PresenceOp>,
+    admission: Arc<ClusterAdmission>,
+    background: Vec<JoinHandle<()>>,
+}
+
+/// The JSON spec put on user, broadcast and control channels.
+#[derive(Serialize)]
+struct DirectSpecOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    op: Option<&'a str>,
+    #[serde(rename = "connectionId", skip_serializing_if = "Option::is_none")]
+    connection_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a RawValue>,
+}
+
+impl RedisBroker {
+    /// Connects to every configured instance (in the background: Redis being down at start is
+    /// survivable) and starts the subscription, presence and admission tasks.
+    pub fn start(
+        settings: &Settings,
+        hub: Arc<Hub>,
+        slots: Arc<ConnectionSlots>,
+    ) -> Result<Self, BrokerError> {
+        let node_id = settings.node_id.clone();
+        let mut shards = Vec::with_capacity(settings.redis_urls.len());
+        for url in &settings.redis_urls {
+            let pool = deadpool_redis::Config::from_url(url.as_str())
+                .create_pool(Some(Runtime::Tokio1))
+                .map_err(|e| BrokerError::Unavailable(format!("redis pool for {url}: {e}")))?;
+            let hub = Arc::clone(&hub);
+            let handler = Arc::new(move |channel: &str, payload: &[u8]| {
+                if let Err(e) = inbound::dispatch(&hub, channel, payload) {
+                    tracing::warn!(channel, error = %e, "dropped a message from redis");
+                }
+            });
+            let subscriber = Subscriber::start(SubscriberConfig::new(url.as_str()), handler);
+            shards.push(Shard { pool, subscriber });
+        }
+        let Some(first) = shards.first() else {
+            return Err(BrokerError::Unavailable("no redis URL configured".into()));
+        };
+        for channel in [
+            keys::BROADCAST_CHANNEL.to_string(),
+            keys::CONTROL_CHANNEL.to_string(),
+            keys::node_channel(&node_id),
+        ] {
+            first.subscriber.add(channel);
+        }
+
+        let admission = ClusterAdmission::new(
+            first.pool.clone(),
+            AdmissionConfig::new(node_id.as_str(), settings.ws.max_connections),
+            slots,
+        );
+        let presence = Arc::new(Presence::new(
+            shards.iter().map(|s| s.pool.clone()).collect(),
+            PresenceConfig::new(node_id.as_str()),
+        ));
+        let (presence_ops, ops_rx) = mpsc::unbounded_channel();
+        let counts_hub = Arc::clone(&hub);
+        let background = vec![
+            admission.spawn_maintenance(),
+            presence.spawn_heartbeat(move || {
+                (counts_hub.connection_count(), counts_hub.user_count())
+            }),
+            tokio::spawn(apply_presence_ops(Arc::clone(&presence), ops_rx)),
+            tokio::spawn({
+                let admission = Arc::clone(&admission);
+                async move {
+                    if let Err(e) = admission.reserve_block().await {
+                        tracing::warn!(error = %e, "no connection slots reserved yet: redis unreachable");
+                    }
+                }
+            }),
+        ];
+        Ok(RedisBroker {
+            hub,
+            node_id,
+            shards,
+            publish_script: redis::Script::new(PUBLISH_SCRIPT),
+            presence,
+            presence_ops,
+            admission,
+            background,
+        })
+    }
+
+    fn shard_for(&self, name: &str) -> &Shard {
+        &self.shards[shard_of(name, self.shards.len())]
+    }
+
+    fn first(&self) -> &Shard {
+        &self.shards[0]
+    }
+
+    async fn publish_raw(&self, shard: &Shard, channel: &str, payload: String) -> Result<usize, BrokerError> {
+        let mut conn = shard.pool.get().await.map_err(unavailable)?;
+        let receivers: usize = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(receivers)
+    }
+
+    /// Channels this node is subscribed to right now, over all instances (for tests and ops).
+    pub fn subscribed_channels(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.shards.iter().flat_map(|s| s.subscriber.subscribed()).collect();
+        all.sort_unstable();
+        all
+    }
+}
+
+async fn apply_presence_ops(presence: Arc<Presence>, mut ops: mpsc::UnboundedReceiver<PresenceOp>) {
+    while let Some(op) = ops.recv().await {
+        let result = match &op {
+            PresenceOp::UserOnline(user) => presence.user_online(user).await,
+            PresenceOp::UserOffline(user) => presence.user_offline(user).await,
+            PresenceOp::Join(topic, entry) => presence.topic_join(topic, entry).await,
+            PresenceOp::Leave(topic, id) => presence.topic_leave(topic, *id).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "presence update lost: redis unreachable");
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(format!("redis: {e}"))
+}
+
+fn spec_json(spec: &DirectSpecOut<'_>) -> Result<String, BrokerError> {
+    serde_json::to_string(spec).map_err(|e| BrokerError::Unavailable(format!("encoding: {e}")))
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, msg: TopicMessage) -> Result<PublishReceipt, BrokerError> {
+        #[derive(Serialize)]
+        struct TopicSpecOut<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            data: &'a RawValue,
+        }
+        let spec = serde_json::to_string(&TopicSpecOut {
+            kind: &msg.kind,
+            data: &msg.data,
+        })
+        .map_err(|e| BrokerError::Unavailable(format!("encoding: {e}")))?;
+        let fields = spec.strip_prefix('{').unwrap_or(&spec);
+        let shard = self.shard_for(&msg.topic);
+        let mut conn = shard.pool.get().await.map_err(unavailable)?;
+        let (seq, epoch): (u64, String) = self
+            .publish_script
+            .key(keys::topic_seq_key(&msg.topic))
+            .key(keys::topic_epoch_key(&msg.topic))
+            .key(keys::topic_channel(&msg.topic))
+            .arg(fields)
+            .arg(format!("{:08x}", rand::random::<u32>()))
+            .arg("PUBLISH")
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(PublishReceipt {
+            seq,
+            epoch,
+            // Local subscribers get it through our own subscription, like every other node.
+            delivered_here: 0,
+        })
+    }
+
+    async fn send(&self, msg: Direct) -> Result<usize, BrokerError> {
+        let (data, content) = if msg.as_content {
+            (None, Some(&*msg.data))
+        } else {
+            (Some(&*msg.data), None)
+        };
+        let mut spec = DirectSpecOut {
+            kind: &msg.kind,
+            op: None,
+            connection_id: None,
+            from: msg.from.as_deref(),
+            data,
+            content,
+        };
+        match &msg.recipient {
+            Recipient::User(user) => {
+                let payload = spec_json(&spec)?;
+                self.publish_raw(self.shard_for(user), &keys::user_channel(user), payload)
+                    .await
+            }
+            Recipient::Everyone => {
+                let payload = spec_json(&spec)?;
+                self.publish_raw(self.first(), keys::BROADCAST_CHANNEL, payload).await
+            }
+            Recipient::Connection(id) => {
+                if self.hub.has_connection(*id) {
+                    return Ok(deliver_direct(&self.hub, &msg));
+                }
+                spec.op = Some("send");
+                spec.connection_id = Some(*id);
+                let payload = spec_json(&spec)?;
+                self.publish_raw(self.first(), keys::CONTROL_CHANNEL, payload).await
+            }
+        }
+    }
+
+    async fn disconnect(&self, target: DisconnectTarget) -> Result<usize, BrokerError> {
+        let local = disconnect_local(&self.hub, &target);
+        let spec = match &target {
+            DisconnectTarget::User(u) => serde_json::json!({"op": "disconnect", "userId": u}),
+            DisconnectTarget::Client(c) => serde_json::json!({"op": "disconnect", "clientId": c}),
+        };
+        // Every node (this one too, harmlessly: a second close is a no-op) closes its share.
+        self.publish_raw(self.first(), keys::CONTROL_CHANNEL, spec.to_string())
+            .await?;
+        Ok(local)
+    }
+
+    async fn forward_upstream(&self, msg: UpstreamMessage) -> Result<(), BrokerError> {
+        let mut conn = self.first().pool.get().await.map_err(unavailable)?;
+        let _: String = redis::cmd("XADD")
+            .arg(keys::UPSTREAM_STREAM)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(UPSTREAM_MAXLEN)
+            .arg("*")
+            .arg("node")
+            .arg(&msg.node_id)
+            .arg("connectionId")
+            .arg(msg.conn_id)
+            .arg("clientId")
+            .arg(&msg.client_id)
+            .arg("userId")
+            .arg(msg.user_id.as_deref().unwrap_or(""))
+            .arg("type")
+            .arg(&msg.kind)
+            .arg("message")
+            .arg(&msg.raw)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn topic_interest(&self, topic: &str, interested: bool) {
+        let shard = self.shard_for(topic);
+        let channel = keys::topic_channel(topic);
+        if interested {
+            shard.subscriber.add(channel);
+        } else {
+            shard.subscriber.remove(channel);
+        }
+    }
+
+    fn user_interest(&self, user: &str, interested: bool) {
+        let shard = self.shard_for(user);
+        let channel = keys::user_channel(user);
+        let op = if interested {
+            shard.subscriber.add(channel);
+            PresenceOp::UserOnline(user.to_string())
+        } else {
+            shard.subscriber.remove(channel);
+            PresenceOp::UserOffline(user.to_string())
+        };
+        let _ = self.presence_ops.send(op);
+    }
+
+    fn presence_changed(&self, topic: &str, conn: &Connection, joined: bool) {
+        let op = if joined {
+            PresenceOp::Join(
+                topic.to_string(),
+                PresenceEntry {
+                    connection_id: conn.id,
+                    node: self.node_id.clone(),
+                    client_id: conn.client_id.to_string(),
+                    user_id: conn.user_id.as_deref().map(str::to_string),
+                },
+            )
+        } else {
+            PresenceOp::Leave(topic.to_string(), conn.id)
+        };
+        let _ = self.presence_ops.send(op);
+    }
+
+    async fn grow_admission(&self) -> bool {
+        match self.admission.grow().await {
+            Ok(grown) => grown,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reserve connection slots: redis unreachable");
+                false
+            }
+        }
+    }
+
+    async fn cluster_status(&self) -> Result<ClusterStatus, BrokerError> {
+        let nodes = self.presence.nodes().await.map_err(unavailable)?;
+        let online_users = self.presence.online_users().await.map_err(unavailable)?;
+        Ok(ClusterStatus {
+            online_count: nodes.iter().map(|n| n.connections).sum(),
+            online_users,
+            nodes: nodes
+                .into_iter()
+                .map(|n| NodeStatus {
+                    id: n.id,
+                    connections: n.connections,
+                })
+                .collect(),
+        })
+    }
+
+    async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError> {
+        let entries = self.presence.topic_presence(topic).await.map_err(unavailable)?;
+        Ok(entries
+            .into_iter()
+            .map(|e| PresenceMember {
+                connection_id: e.connection_id,
+                node: e.node,
+                client_id: e.client_id,
+                user_id: e.user_id,
+            })
+            .collect())
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shards.iter().all(|s| s.subscriber.is_ready())
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn shutdown(&self) {
+        if let Err(e) = self.admission.release_all().await {
+            tracing::warn!(error = %e, "could not return connection slots");
+        }
+        if let Err(e) = self.presence.deregister().await {
+            tracing::warn!(error = %e, "could not leave the node registry");
+        }
+        for shard in &self.shards {
+            shard.subscriber.shutdown();
+        }
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The Redis subscription actor (`broker::redis::pubsub`) against a real redis-server: batching,
+//! linger, reconnect with resubscribe, Redis down at start; and the local cluster harness.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::redis::{free_port, RedisCluster, RedisServer};
+use wsgate::broker::redis::pubsub::{MessageHandler, Subscriber, SubscriberConfig};
+
+const WAIT: Duration = Duration::from_secs(10);
+const LINGER: Duration = Duration::from_millis(200);
+
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+fn recorder() -> (MessageHandler, Received) {
+    let received: Received = Arc::default();
+    let sink = received.clone();
+    let handler: MessageHandler = Arc::new(move |channel: &str, payload: &[u8]| {
+        sink.lock()
+            .unwrap()
+            .push((channel.to_string(), payload.to_vec()));
+    });
+    (handler, received)
+}
+
+fn start(url: String) -> (Subscriber, Received) {
+    let (handler, received) = recorder();
+    let config = SubscriberConfig {
+        url,
+        linger: LINGER,
+        max_backoff: Duration::from_millis(500),
+    };
+    (Subscriber::start(config, handler), received)
+}
+
+/// Polls `cond` until it holds; panics with `what` after [`WAIT`].
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn got(received: &Received, channel: &str, payload: &str) -> bool {
+    received
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(c, p)| c == channel && p == payload.as_bytes())
+}
+
+/// Publishes until the subscriber got it (a publish may race a just-confirmed subscription
+/// only in tests that do not wait for the server side; here it is a plain check).
+async fn publish_arrives(server: &RedisServer, received: &Received, channel: &str, payload: &str) {
+    assert_eq!(server.cli(&["PUBLISH", channel, payload]), "1", "one subscriber on {channel}");
+    eventually(&format!("{payload} on {channel} reaches the handler"), || {
+        got(received, channel, payload)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_publish_then_remove_after_linger() {
+    let server = RedisServer::start();
+    let (sub, received) = start(server.url());
+    let ch = "wsgate:t:{news}";
+    sub.add(ch.to_string());
+    eventually("subscribed", || sub.is_ready() && sub.subscribed() == [ch]).await;
+    assert_eq!(server.channels(), [ch]);
+    publish_arrives(&server, &received, ch, "x").await;
+
+    sub.remove(ch.to_string());
+    eventually("unsubscribed on the server", || server.channels().is_empty()).await;
+    assert!(sub.subscribed().is_empty());
+    assert_eq!(server.command_calls("unsubscribe"), 1);
+    sub.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_then_add_within_linger_never_unsubscribes() {
+    let server = RedisServer::start();
+    let (sub, received) = start(server.url());
+    let ch = "wsgate:u:{alice}";
+    sub.add(ch.to_string());
+    eventually("subscribed", || server.channels() == [ch]).await;
+
+    sub.remove(ch.to_string());
+    sub.add(ch.to_string());
+    // Proving a negative: wait well past the linger.
+    tokio::time::sleep(LINGER * 3).await;
+    assert_eq!(server.channels(), [ch]);
+    assert_eq!(server.command_calls("unsubscribe"), 0);
+    assert_eq!(server.command_calls("subscribe"), 1);
+    publish_arrives(&server, &received, ch, "still here").await;
+
+    // A second cycle that is not cancelled does unsubscribe.
+    sub.remove(ch.to_string());
+    eventually("unsubscribed after linger", || server.channels().is_empty()).await;
+    sub.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_subscribes_is_batched() {
+    let server = RedisServer::start();
+    let (sub, received) = start(server.url());
+    eventually("connected", || sub.is_ready()).await;
+
+    let channels: Vec<String> = (0..500).map(|i| format!("wsgate:t:{{burst-{i}}}")).collect();
+    for ch in &channels {
+        sub.add(ch.clone());
+    }
+    eventually("all 500 subscribed", || sub.subscribed().len() == 500).await;
+    assert_eq!(server.channels().len(), 500);
+    let calls = server.command_calls("subscribe");
+    assert!((1..=5).contains(&calls), "SUBSCRIBE ran {calls} times for 500 channels");
+    publish_arrives(&server, &received, &channels[499], "last").await;
+
+    // Removing them all is batched too.
+    for ch in &channels {
+        sub.remove(ch.clone());
+    }
+    eventually("all unsubscribed", || server.channels().is_empty()).await;
+    let calls = server.command_calls("unsubscribe");
+    assert!((1..=5).contains(&calls), "UNSUBSCRIBE ran {calls} times for 500 channels");
+    sub.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribes_everything_after_redis_restarts() {
+    let mut server = RedisServer::start();
+    let (sub, received) = start(server.url());
+    let channels = ["wsgate:t:{a}", "wsgate:u:{b}", "wsgate:broadcast"];
+    for ch in channels {
+        sub.add(ch.to_string());
+    }
+    eventually("subscribed", || sub.is_ready() && server.channels().len() == 3).await;
+    assert_eq!(sub.reconnects(), 0);
+
+    server.kill();
+    eventually("not ready while Redis is down", || !sub.is_ready()).await;
+    assert!(sub.subscribed().is_empty());
+    // Interest changes while down are kept.
+    sub.add("wsgate:control".to_string());
+
+    server.restart();
+    eventually("ready again", || sub.is_ready()).await;
+    assert_eq!(sub.reconnects(), 1);
+    let mut expected: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+    expected.push("wsgate:control".to_string());
+    expected.sort();
+    assert_eq!(server.channels(), expected);
+    assert_eq!(sub.subscribed(), expected);
+    // Everything was resubscribed in one command.
+    assert_eq!(server.command_calls("subscribe"), 1);
+    for ch in &expected {
+        publish_arrives(&server, &received, ch, "after restart").await;
+    }
+    sub.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_is_retried() {
+    let port = free_port();
+    let (sub, received) = start(format!("redis://127.0.0.1:{port}"));
+    sub.add("wsgate:node:n1".to_string());
+    assert!(!sub.is_ready());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!sub.is_ready());
+    assert!(sub.subscribed().is_empty());
+
+    let server = RedisServer::start_on(port);
+    eventually("ready once Redis is up", || sub.is_ready()).await;
+    assert_eq!(server.channels(), ["wsgate:node:n1"]);
+    assert_eq!(sub.reconnects(), 0, "the first connection is not a reconnect");
+    publish_arrives(&server, &received, "wsgate:node:n1", "hello").await;
+    sub.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_the_connection() {
+    let server = RedisServer::start();
+    let (sub, _received) = start(server.url());
+    sub.add("wsgate:t:{x}".to_string());
+    eventually("subscribed", || server.channels().len() == 1).await;
+    sub.shutdown();
+    assert!(!sub.is_ready());
+    eventually("connection closed", || server.channels().is_empty()).await;
+    // Calls after shutdown are harmless.
+    sub.add("wsgate:t:{y}".to_string());
+    sub.remove("wsgate:t:{x}".to_string());
+}
+
+#[test]
+fn local_cluster_reaches_state_ok() {
+    let cluster = RedisCluster::start();
+    assert_eq!(cluster.urls().len(), 3);
+    for node in 0..3 {
+        let info = cluster.cli(node, &["CLUSTER", "INFO"]);
+        assert!(info.contains("cluster_state:ok"), "node {node}: {info}");
+        assert!(info.contains("cluster_known_nodes:3"), "node {node}: {info}");
+    }
+}
