@@ -41,7 +41,9 @@ pub fn connecting_user(
     let Some(secret) = &settings.jwt_secret else {
         return Ok(query_user);
     };
-    let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::MissingToken)?;
+    let token = token
+        .filter(|t| !t.is_empty())
+        .ok_or(AuthError::MissingToken)?;
     let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     validation.set_required_spec_claims(&["exp", "sub"]);
@@ -114,7 +116,10 @@ mod tests {
         let s = settings_with_keys(&["k1", "k2"]);
         let peer = "10.0.0.1:1".parse().expect("addr");
         let mut h = HeaderMap::new();
-        assert_eq!(check_api_access(&s, &h, peer), Err(AuthError::MissingApiKey));
+        assert_eq!(
+            check_api_access(&s, &h, peer),
+            Err(AuthError::MissingApiKey)
+        );
         h.insert("x-api-key", "k2".parse().expect("header"));
         assert!(check_api_access(&s, &h, peer).is_ok());
         let mut h = HeaderMap::new();

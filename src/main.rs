@@ -44,7 +44,10 @@ fn run(args: &RunArgs) -> ExitCode {
     let filter = match EnvFilter::try_new(&args.log) {
         Ok(filter) => filter,
         Err(err) => {
-            eprintln!("wsgate: invalid --log / WSGATE_LOG filter {:?}: {err}", args.log);
+            eprintln!(
+                "wsgate: invalid --log / WSGATE_LOG filter {:?}: {err}",
+                args.log
+            );
             return ExitCode::FAILURE;
         }
     };

@@ -76,7 +76,10 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
     let hub = Hub::new();
     let (broker, slots): (Arc<dyn Broker>, _) = if settings.redis_urls.is_empty() {
         let slots = ConnectionSlots::new(settings.ws.max_connections);
-        (Arc::new(MemoryBroker::new(Arc::clone(&hub), &settings.node_id)), slots)
+        (
+            Arc::new(MemoryBroker::new(Arc::clone(&hub), &settings.node_id)),
+            slots,
+        )
     } else {
         // Cluster admission starts with no slots and reserves them from Redis block by block.
         let slots = ConnectionSlots::with_limit(settings.ws.max_connections, 0);
@@ -111,7 +114,11 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
     })
 }
 
-async fn accept_loop(ctx: Arc<NodeContext>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    ctx: Arc<NodeContext>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -646,15 +646,28 @@ async fn explicit_null_data_is_a_payload_not_an_absence() {
     let addr = node.local_addr;
     let (mut c, _) = connect(addr, "/ws?user_id=n1").await;
     subscribe(&mut c, "nulls").await;
-    let (status, body) = post(addr, "/api/publish", json!({"topic": "nulls", "type": "t", "data": null})).await;
+    let (status, body) = post(
+        addr,
+        "/api/publish",
+        json!({"topic": "nulls", "type": "t", "data": null}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let m = c.expect_type("t").await;
     assert_eq!(m["data"], Value::Null);
     assert!(m.as_object().is_some_and(|o| o.contains_key("data")), "{m}");
-    let (status, body) = post(addr, "/api/ws/send", json!({"type": "d", "to": "n1", "content": null})).await;
+    let (status, body) = post(
+        addr,
+        "/api/ws/send",
+        json!({"type": "d", "to": "n1", "content": null}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let m = c.expect_type("d").await;
-    assert!(m["content"].is_null() && m.as_object().is_some_and(|o| o.contains_key("content")), "{m}");
+    assert!(
+        m["content"].is_null() && m.as_object().is_some_and(|o| o.contains_key("content")),
+        "{m}"
+    );
     // Absent is still refused.
     let (status, _) = post(addr, "/api/publish", json!({"topic": "nulls", "type": "t"})).await;
     assert_eq!(status, 400);

@@ -55,10 +55,15 @@ fn got(received: &Received, channel: &str, payload: &str) -> bool {
 /// Publishes until the subscriber got it (a publish may race a just-confirmed subscription
 /// only in tests that do not wait for the server side; here it is a plain check).
 async fn publish_arrives(server: &RedisServer, received: &Received, channel: &str, payload: &str) {
-    assert_eq!(server.cli(&["PUBLISH", channel, payload]), "1", "one subscriber on {channel}");
-    eventually(&format!("{payload} on {channel} reaches the handler"), || {
-        got(received, channel, payload)
-    })
+    assert_eq!(
+        server.cli(&["PUBLISH", channel, payload]),
+        "1",
+        "one subscriber on {channel}"
+    );
+    eventually(
+        &format!("{payload} on {channel} reaches the handler"),
+        || got(received, channel, payload),
+    )
     .await;
 }
 
@@ -73,7 +78,10 @@ async fn add_publish_then_remove_after_linger() {
     publish_arrives(&server, &received, ch, "x").await;
 
     sub.remove(ch.to_string());
-    eventually("unsubscribed on the server", || server.channels().is_empty()).await;
+    eventually("unsubscribed on the server", || {
+        server.channels().is_empty()
+    })
+    .await;
     assert!(sub.subscribed().is_empty());
     assert_eq!(server.command_calls("unsubscribe"), 1);
     sub.shutdown();
@@ -108,14 +116,19 @@ async fn a_burst_of_subscribes_is_batched() {
     let (sub, received) = start(server.url());
     eventually("connected", || sub.is_ready()).await;
 
-    let channels: Vec<String> = (0..500).map(|i| format!("wsgate:t:{{burst-{i}}}")).collect();
+    let channels: Vec<String> = (0..500)
+        .map(|i| format!("wsgate:t:{{burst-{i}}}"))
+        .collect();
     for ch in &channels {
         sub.add(ch.clone());
     }
     eventually("all 500 subscribed", || sub.subscribed().len() == 500).await;
     assert_eq!(server.channels().len(), 500);
     let calls = server.command_calls("subscribe");
-    assert!((1..=5).contains(&calls), "SUBSCRIBE ran {calls} times for 500 channels");
+    assert!(
+        (1..=5).contains(&calls),
+        "SUBSCRIBE ran {calls} times for 500 channels"
+    );
     publish_arrives(&server, &received, &channels[499], "last").await;
 
     // Removing them all is batched too.
@@ -124,7 +137,10 @@ async fn a_burst_of_subscribes_is_batched() {
     }
     eventually("all unsubscribed", || server.channels().is_empty()).await;
     let calls = server.command_calls("unsubscribe");
-    assert!((1..=5).contains(&calls), "UNSUBSCRIBE ran {calls} times for 500 channels");
+    assert!(
+        (1..=5).contains(&calls),
+        "UNSUBSCRIBE ran {calls} times for 500 channels"
+    );
     sub.shutdown();
 }
 
@@ -136,7 +152,10 @@ async fn resubscribes_everything_after_redis_restarts() {
     for ch in channels {
         sub.add(ch.to_string());
     }
-    eventually("subscribed", || sub.is_ready() && server.channels().len() == 3).await;
+    eventually("subscribed", || {
+        sub.is_ready() && server.channels().len() == 3
+    })
+    .await;
     assert_eq!(sub.reconnects(), 0);
 
     server.kill();
@@ -174,7 +193,11 @@ async fn redis_down_at_start_is_retried() {
     let server = RedisServer::start_on(port);
     eventually("ready once Redis is up", || sub.is_ready()).await;
     assert_eq!(server.channels(), ["wsgate:node:n1"]);
-    assert_eq!(sub.reconnects(), 0, "the first connection is not a reconnect");
+    assert_eq!(
+        sub.reconnects(),
+        0,
+        "the first connection is not a reconnect"
+    );
     publish_arrives(&server, &received, "wsgate:node:n1", "hello").await;
     sub.shutdown();
 }
@@ -200,6 +223,9 @@ fn local_cluster_reaches_state_ok() {
     for node in 0..3 {
         let info = cluster.cli(node, &["CLUSTER", "INFO"]);
         assert!(info.contains("cluster_state:ok"), "node {node}: {info}");
-        assert!(info.contains("cluster_known_nodes:3"), "node {node}: {info}");
+        assert!(
+            info.contains("cluster_known_nodes:3"),
+            "node {node}: {info}"
+        );
     }
 }

@@ -80,7 +80,9 @@ pub fn local_presence(hub: &Hub, node_id: &str, topic: &str) -> Vec<PresenceMemb
 pub fn disconnect_local(hub: &Hub, target: &DisconnectTarget) -> usize {
     let reason = "disconnected by the server";
     match target {
-        DisconnectTarget::User(u) => hub.disconnect_user(u, CloseCode::DisconnectedByServer, reason),
+        DisconnectTarget::User(u) => {
+            hub.disconnect_user(u, CloseCode::DisconnectedByServer, reason)
+        }
         DisconnectTarget::Client(c) => {
             hub.disconnect_client(c, CloseCode::DisconnectedByServer, reason)
         }

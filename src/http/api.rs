@@ -9,8 +9,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::{json_error, json_response, Body};
 use crate::auth::{self, AuthError};
@@ -48,8 +48,10 @@ impl ApiError {
     fn into_response(self) -> Response<Body> {
         let mut resp = json_error(self.code, self.message);
         if let Some(allow) = self.allow {
-            resp.headers_mut()
-                .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+            resp.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static(allow),
+            );
         }
         resp
     }
@@ -57,7 +59,11 @@ impl ApiError {
 
 type ApiResult = Result<Response<Body>, ApiError>;
 
-pub async fn handle(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(
+    ctx: Arc<NodeContext>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     if let Err(e) = auth::check_api_access(&ctx.settings, req.headers(), peer) {
         let code = match e {
             AuthError::NotLoopback => ErrorCode::PermissionDenied,
@@ -74,9 +80,7 @@ pub async fn handle(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketA
         (&Method::POST, "/api/ws/send") => send(&ctx, req).await,
         (&Method::POST, "/api/ws/broadcast") => broadcast(&ctx, req).await,
         (&Method::POST, "/api/disconnect") => disconnect(&ctx, req).await,
-        (_, "/api/ws/status" | "/api/info" | "/api/presence") => {
-            Err(method_not_allowed("GET"))
-        }
+        (_, "/api/ws/status" | "/api/info" | "/api/presence") => Err(method_not_allowed("GET")),
         (_, "/api/publish" | "/api/ws/send" | "/api/ws/broadcast" | "/api/disconnect") => {
             Err(method_not_allowed("POST"))
         }
@@ -86,7 +90,10 @@ pub async fn handle(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketA
 }
 
 /// Reads a JSON body of at most `max_message_size` bytes into `T`.
-async fn read_json<T: for<'de> Deserialize<'de>>(ctx: &NodeContext, req: Request<Incoming>) -> Result<T, ApiError> {
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    ctx: &NodeContext,
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
     let limit = ctx.settings.ws.max_message_size;
     let bytes = match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -103,8 +110,12 @@ async fn read_json<T: for<'de> Deserialize<'de>>(ctx: &NodeContext, req: Request
             ))
         }
     };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| refuse(ErrorCode::InvalidMessageFormat, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        refuse(
+            ErrorCode::InvalidMessageFormat,
+            format!("invalid JSON body: {e}"),
+        )
+    })
 }
 
 /// Deserializes a field that is present, `null` included (plain `Option` would turn an
@@ -114,7 +125,10 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue
 }
 
 /// The payload of a request: `data`, or `content` (then repeated as `content` to clients).
-fn payload(data: Option<Box<RawValue>>, content: Option<Box<RawValue>>) -> Result<(Box<RawValue>, bool), ApiError> {
+fn payload(
+    data: Option<Box<RawValue>>,
+    content: Option<Box<RawValue>>,
+) -> Result<(Box<RawValue>, bool), ApiError> {
     match (data, content) {
         (Some(d), _) => Ok((d, false)),
         (None, Some(c)) => Ok((c, true)),
@@ -126,8 +140,12 @@ fn payload(data: Option<Box<RawValue>>, content: Option<Box<RawValue>>) -> Resul
 }
 
 fn require_type(kind: Option<String>) -> Result<String, ApiError> {
-    kind.filter(|k| !k.is_empty())
-        .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "the body needs a non-empty `type`"))
+    kind.filter(|k| !k.is_empty()).ok_or_else(|| {
+        refuse(
+            ErrorCode::InvalidMessageFormat,
+            "the body needs a non-empty `type`",
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -191,7 +209,17 @@ async fn send(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
         }
     };
     let (data, as_content) = payload(body.data, body.content)?;
-    deliver(ctx, Direct { recipient, kind, from: None, data, as_content }).await
+    deliver(
+        ctx,
+        Direct {
+            recipient,
+            kind,
+            from: None,
+            data,
+            as_content,
+        },
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -210,18 +238,23 @@ async fn broadcast(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
     let (data, as_content) = payload(body.data, body.content)?;
     deliver(
         ctx,
-        Direct { recipient: Recipient::Everyone, kind, from: None, data, as_content },
+        Direct {
+            recipient: Recipient::Everyone,
+            kind,
+            from: None,
+            data,
+            as_content,
+        },
     )
     .await
 }
 
 async fn deliver(ctx: &NodeContext, msg: Direct) -> ApiResult {
-    let delivered = ctx
-        .broker
-        .send(msg)
-        .await
-        .map_err(unavailable)?;
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "delivered": delivered})))
+    let delivered = ctx.broker.send(msg).await.map_err(unavailable)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "delivered": delivered}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -244,12 +277,11 @@ async fn disconnect(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
             ))
         }
     };
-    let n = ctx
-        .broker
-        .disconnect(target)
-        .await
-        .map_err(unavailable)?;
-    Ok(json_response(StatusCode::OK, &json!({"ok": true, "disconnected": n})))
+    let n = ctx.broker.disconnect(target).await.map_err(unavailable)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "disconnected": n}),
+    ))
 }
 
 async fn status(ctx: &NodeContext) -> ApiResult {
@@ -291,7 +323,11 @@ async fn presence(ctx: &NodeContext, req: &Request<Incoming>) -> ApiResult {
         .find(|(k, _)| k == "topic")
         .map(|(_, v)| v.into_owned())
         .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "add ?topic=NAME"))?;
-    let members = ctx.broker.topic_presence(&topic).await.map_err(unavailable)?;
+    let members = ctx
+        .broker
+        .topic_presence(&topic)
+        .await
+        .map_err(unavailable)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"topic": topic, "count": members.len(), "members": members}),

@@ -67,7 +67,8 @@ pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Respo
 
 /// An error in the same codes as the socket: `{"error": {code, numericCode, message}}`.
 pub fn json_error(code: ErrorCode, message: impl Into<String>) -> Response<Body> {
-    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = ErrorBody::new(code, message.into());
     let mut resp = json_response(status, &serde_json::json!({ "error": body }));
     if status == StatusCode::SERVICE_UNAVAILABLE {

@@ -245,9 +245,15 @@ mod tests {
 
     #[test]
     fn request_id_survives_refusals() {
-        assert_eq!(request_id_of(r#"{"id":"r1"}"#).map(RawValue::get), Some(r#""r1""#));
+        assert_eq!(
+            request_id_of(r#"{"id":"r1"}"#).map(RawValue::get),
+            Some(r#""r1""#)
+        );
         // A bad `type` does not hide the id.
-        assert_eq!(request_id_of(r#"{"messageId":3,"type":5}"#).map(RawValue::get), Some("3"));
+        assert_eq!(
+            request_id_of(r#"{"messageId":3,"type":5}"#).map(RawValue::get),
+            Some("3")
+        );
         assert!(request_id_of("not json").is_none());
     }
 

@@ -7,7 +7,11 @@ pub enum TopicError {
     #[error("topic name is empty")]
     Empty,
     #[error("topic name {name:?} is {len} bytes, over the {max}-byte limit")]
-    TooLong { name: String, len: usize, max: usize },
+    TooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
     #[error("topic name {name:?} contains {ch:?}; allowed are letters, digits and _ - . : / @")]
     BadChar { name: String, ch: char },
 }
@@ -46,7 +50,10 @@ mod tests {
     #[test]
     fn length_edge() {
         assert!(validate(&"a".repeat(8), 8).is_ok());
-        assert!(matches!(validate(&"a".repeat(9), 8), Err(TopicError::TooLong { .. })));
+        assert!(matches!(
+            validate(&"a".repeat(9), 8),
+            Err(TopicError::TooLong { .. })
+        ));
     }
 
     #[test]
@@ -54,7 +61,13 @@ mod tests {
         assert!(validate("alert.cpu", 64).is_ok());
         assert!(validate("chat:room-1/a@b_c", 64).is_ok());
         assert_eq!(validate("", 64), Err(TopicError::Empty));
-        assert!(matches!(validate("a b", 64), Err(TopicError::BadChar { ch: ' ', .. })));
-        assert!(matches!(validate("a*", 64), Err(TopicError::BadChar { ch: '*', .. })));
+        assert!(matches!(
+            validate("a b", 64),
+            Err(TopicError::BadChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            validate("a*", 64),
+            Err(TopicError::BadChar { ch: '*', .. })
+        ));
     }
 }

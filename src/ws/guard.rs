@@ -30,7 +30,8 @@ pub enum GuardError {
 impl GuardError {
     /// The guard's refusal inside an `io::Error`, if that is what `e` is.
     pub fn from_io(e: &io::Error) -> Option<&GuardError> {
-        e.get_ref().and_then(|inner| inner.downcast_ref::<GuardError>())
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<GuardError>())
     }
 }
 
@@ -201,7 +202,13 @@ mod tests {
         let err = g.scan(&stream).expect_err("301 bytes refused");
         assert_eq!(err.0, second_start);
         assert!(at < second_start);
-        assert_eq!(err.1, GuardError::MessageTooBig { size: 301, max: 300 });
+        assert_eq!(
+            err.1,
+            GuardError::MessageTooBig {
+                size: 301,
+                max: 300
+            }
+        );
     }
 
     #[test]

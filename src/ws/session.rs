@@ -113,7 +113,8 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     let _slot = match start.admission {
         Ok(slot) => slot,
         Err(refused) => {
-            let _ = outbound.push(ErrorBody::new(refused.error, refused.message.as_str()).to_frame());
+            let _ =
+                outbound.push(ErrorBody::new(refused.error, refused.message.as_str()).to_frame());
             outbound.close(refused.close, &refused.message);
             let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
             return;
@@ -293,7 +294,11 @@ impl Session {
         };
         let request_id = msg.request_id();
         let result = match msg.kind() {
-            "ping" => Ok(Some(self.reply("pong", request_id, json!({"serverTime": now_millis()})))),
+            "ping" => Ok(Some(self.reply(
+                "pong",
+                request_id,
+                json!({"serverTime": now_millis()}),
+            ))),
             "heartbeat" => {
                 let client_time = msg
                     .payload()
@@ -415,9 +420,9 @@ impl Session {
             },
             None => parse_data(msg.payload())?,
         };
-        let topic = req
-            .topic
-            .ok_or_else(|| Refusal::new(ErrorCode::InvalidMessageFormat, "publish needs a `topic`"))?;
+        let topic = req.topic.ok_or_else(|| {
+            Refusal::new(ErrorCode::InvalidMessageFormat, "publish needs a `topic`")
+        })?;
         topic::validate(&topic, self.ctx.settings.ws.max_topic_length)
             .map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.to_string()))?;
         if !self.ctx.settings.namespace_of(&topic).client_publish {
@@ -470,7 +475,10 @@ impl Session {
                 recipient,
                 kind: msg.kind().to_string(),
                 from: Some(from),
-                data: msg.payload().map(RawValue::to_owned).unwrap_or_else(null_raw),
+                data: msg
+                    .payload()
+                    .map(RawValue::to_owned)
+                    .unwrap_or_else(null_raw),
                 as_content,
             })
             .await
@@ -538,7 +546,10 @@ impl Session {
     }
 
     fn refuse(&self, refusal: Refusal, request_id: Option<&RawValue>) {
-        let _ = self.conn.outbound.push(self.error_frame(refusal, request_id));
+        let _ = self
+            .conn
+            .outbound
+            .push(self.error_frame(refusal, request_id));
     }
 
     /// Removes the connection from the hub and tells the broker what interest went with it.
@@ -645,7 +656,10 @@ fn parse_data<T: for<'de> Deserialize<'de> + Default>(
     match data {
         None => Ok(T::default()),
         Some(raw) => serde_json::from_str(raw.get()).map_err(|e| {
-            Refusal::new(ErrorCode::InvalidMessageFormat, format!("invalid `data`: {e}"))
+            Refusal::new(
+                ErrorCode::InvalidMessageFormat,
+                format!("invalid `data`: {e}"),
+            )
         }),
     }
 }

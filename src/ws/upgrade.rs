@@ -16,8 +16,8 @@ use tokio::net::TcpStream;
 
 use super::session::{self, Identity, Refused, SessionStart};
 use crate::auth;
-use crate::limits::Slot;
 use crate::http::{json_error, Body};
+use crate::limits::Slot;
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
 
@@ -42,7 +42,11 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
         );
     }
     let params = ConnectParams::from_request(&req);
-    if params.client_id.as_ref().is_some_and(|c| c.len() > MAX_CLIENT_ID_LEN) {
+    if params
+        .client_id
+        .as_ref()
+        .is_some_and(|c| c.len() > MAX_CLIENT_ID_LEN)
+    {
         return json_error(
             ErrorCode::InvalidMessageFormat,
             format!("clientId is longer than {MAX_CLIENT_ID_LEN} bytes"),
@@ -131,7 +135,10 @@ fn check_origin(ctx: &NodeContext, origin: Option<&HeaderValue>) -> Result<(), S
         return Ok(());
     };
     let origin = origin.to_str().unwrap_or_default();
-    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
         Ok(())
     } else {
         Err(origin.to_string())
@@ -207,7 +214,10 @@ mod tests {
 
     #[test]
     fn topic_lists_in_both_forms() {
-        assert_eq!(parse_topic_list(r#"["routes","metrics"]"#), ["routes", "metrics"]);
+        assert_eq!(
+            parse_topic_list(r#"["routes","metrics"]"#),
+            ["routes", "metrics"]
+        );
         assert_eq!(parse_topic_list("routes, metrics,"), ["routes", "metrics"]);
         assert_eq!(parse_topic_list("[oops"), ["[oops"]);
     }
@@ -230,6 +240,9 @@ mod tests {
             .body(())
             .expect("request");
         let p = ConnectParams::from_request(&req);
-        assert_eq!((p.client_id.as_deref(), p.token.as_deref()), (Some("h1"), Some("abc")));
+        assert_eq!(
+            (p.client_id.as_deref(), p.token.as_deref()),
+            (Some("h1"), Some("abc"))
+        );
     }
 }

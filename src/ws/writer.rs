@@ -89,7 +89,11 @@ impl Outbound {
         }
         if st.bytes + frame.len() > self.limit {
             st.discard_queued();
-            st.closing = Some(farewell(CloseCode::SlowConsumer, "send queue full: slow consumer", true));
+            st.closing = Some(farewell(
+                CloseCode::SlowConsumer,
+                "send queue full: slow consumer",
+                true,
+            ));
             drop(st);
             self.wake.notify_one();
             return Err(PushError::Overflow);

@@ -146,9 +146,8 @@ impl RedisBroker {
         let counts_hub = Arc::clone(&hub);
         let background = vec![
             admission.spawn_maintenance(),
-            presence.spawn_heartbeat(move || {
-                (counts_hub.connection_count(), counts_hub.user_count())
-            }),
+            presence
+                .spawn_heartbeat(move || (counts_hub.connection_count(), counts_hub.user_count())),
             tokio::spawn(apply_presence_ops(Arc::clone(&presence), ops_rx)),
             tokio::spawn({
                 let admission = Arc::clone(&admission);
@@ -179,7 +178,12 @@ impl RedisBroker {
         &self.shards[0]
     }
 
-    async fn publish_raw(&self, shard: &Shard, channel: &str, payload: String) -> Result<usize, BrokerError> {
+    async fn publish_raw(
+        &self,
+        shard: &Shard,
+        channel: &str,
+        payload: String,
+    ) -> Result<usize, BrokerError> {
         let mut conn = shard.pool.get().await.map_err(unavailable)?;
         let receivers: usize = redis::cmd("PUBLISH")
             .arg(channel)
@@ -192,7 +196,11 @@ impl RedisBroker {
 
     /// Channels this node is subscribed to right now, over all instances (for tests and ops).
     pub fn subscribed_channels(&self) -> Vec<String> {
-        let mut all: Vec<String> = self.shards.iter().flat_map(|s| s.subscriber.subscribed()).collect();
+        let mut all: Vec<String> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.subscriber.subscribed())
+            .collect();
         all.sort_unstable();
         all
     }
@@ -278,7 +286,8 @@ impl Broker for RedisBroker {
             }
             Recipient::Everyone => {
                 let payload = spec_json(&spec)?;
-                self.publish_raw(self.first(), keys::BROADCAST_CHANNEL, payload).await
+                self.publish_raw(self.first(), keys::BROADCAST_CHANNEL, payload)
+                    .await
             }
             Recipient::Connection(id) => {
                 if self.hub.has_connection(*id) {
@@ -287,7 +296,8 @@ impl Broker for RedisBroker {
                 spec.op = Some("send");
                 spec.connection_id = Some(*id);
                 let payload = spec_json(&spec)?;
-                self.publish_raw(self.first(), keys::CONTROL_CHANNEL, payload).await
+                self.publish_raw(self.first(), keys::CONTROL_CHANNEL, payload)
+                    .await
             }
         }
     }
@@ -397,7 +407,11 @@ impl Broker for RedisBroker {
     }
 
     async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError> {
-        let entries = self.presence.topic_presence(topic).await.map_err(unavailable)?;
+        let entries = self
+            .presence
+            .topic_presence(topic)
+            .await
+            .map_err(unavailable)?;
         Ok(entries
             .into_iter()
             .map(|e| PresenceMember {

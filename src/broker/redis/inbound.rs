@@ -91,7 +91,10 @@ pub fn dispatch(hub: &Hub, channel: &str, payload: &[u8]) -> Result<usize, Inbou
         }
         ChannelKind::User(user) => {
             let spec: DirectSpec<'_> = serde_json::from_slice(payload)?;
-            Ok(deliver_direct(hub, &direct(spec, Recipient::User(user.to_string()))?))
+            Ok(deliver_direct(
+                hub,
+                &direct(spec, Recipient::User(user.to_string()))?,
+            ))
         }
         ChannelKind::Broadcast => {
             let spec: DirectSpec<'_> = serde_json::from_slice(payload)?;
@@ -119,7 +122,10 @@ fn to_connection(hub: &Hub, spec: DirectSpec<'_>) -> Result<usize, InboundError>
     let id = spec
         .connection_id
         .ok_or(InboundError::Missing("connectionId"))?;
-    Ok(deliver_direct(hub, &direct(spec, Recipient::Connection(id))?))
+    Ok(deliver_direct(
+        hub,
+        &direct(spec, Recipient::Connection(id))?,
+    ))
 }
 
 fn direct(spec: DirectSpec<'_>, recipient: Recipient) -> Result<Direct, InboundError> {

@@ -102,7 +102,10 @@ mod tests {
     #[test]
     fn names_round_trip() {
         assert_eq!(topic_channel("routes"), "wsgate:t:{routes}");
-        assert_eq!(classify(&topic_channel("chat:1")), Some(ChannelKind::Topic("chat:1")));
+        assert_eq!(
+            classify(&topic_channel("chat:1")),
+            Some(ChannelKind::Topic("chat:1"))
+        );
         assert_eq!(classify(&user_channel("u1")), Some(ChannelKind::User("u1")));
         assert_eq!(classify(&node_channel("n1")), Some(ChannelKind::Node("n1")));
         assert_eq!(classify(BROADCAST_CHANNEL), Some(ChannelKind::Broadcast));

@@ -196,7 +196,14 @@ impl Subscriber {
 
     /// Channels currently subscribed on the server side (for tests and /api/info).
     pub fn subscribed(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.inner.shared.subscribed.lock().iter().cloned().collect();
+        let mut v: Vec<String> = self
+            .inner
+            .shared
+            .subscribed
+            .lock()
+            .iter()
+            .cloned()
+            .collect();
         v.sort_unstable();
         v
     }
