@@ -19,6 +19,10 @@
 //!   rate_limit: { per_second: 50, burst: 100 }
 //! redis:
 //!   url: redis://127.0.0.1:6379 # or a list of URLs (sharding)
+//!   cluster: false              # true: the URLs are Redis Cluster seed nodes
+//!   linger: 2s
+//!   lease_ttl: 10s
+//!   admission_block: 16
 //! ```
 
 use std::collections::HashMap;
@@ -184,6 +188,13 @@ pub struct RedisFile {
     /// One URL, a comma-separated string, or a YAML list (several URLs: sharded).
     #[serde(default, deserialize_with = "opt_string_list")]
     pub url: Option<Vec<String>>,
+    /// The URLs are seed nodes of a Redis Cluster (sharded pub/sub).
+    pub cluster: Option<bool>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub linger: Option<Duration>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub lease_ttl: Option<Duration>,
+    pub admission_block: Option<usize>,
 }
 
 /// `auth:`
@@ -282,8 +293,14 @@ impl FileConfig {
         if let Some(ns) = self.default_namespace {
             ns.apply_to(&mut settings.default_namespace);
         }
-        if let Some(urls) = self.redis.and_then(|r| r.url) {
-            settings.redis_urls = urls;
+        if let Some(redis) = self.redis {
+            if let Some(urls) = redis.url {
+                settings.redis_urls = urls;
+            }
+            set(&mut settings.redis.cluster, redis.cluster);
+            set(&mut settings.redis.linger, redis.linger);
+            set(&mut settings.redis.lease_ttl, redis.lease_ttl);
+            set(&mut settings.redis.admission_block, redis.admission_block);
         }
         if let Some(secret) = self.auth.and_then(|a| a.jwt_secret) {
             settings.jwt_secret = Some(secret);

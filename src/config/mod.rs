@@ -26,6 +26,8 @@ pub struct Settings {
     pub default_namespace: NamespaceSettings,
     /// Redis broker URLs; empty means the embedded in-process broker.
     pub redis_urls: Vec<String>,
+    /// How the Redis broker behaves (ignored without `redis_urls`).
+    pub redis: RedisSettings,
     /// HS256 secret; `Some` turns JWT authentication on (verified in `auth`).
     pub jwt_secret: Option<String>,
     /// HTTP API keys; empty means the API answers loopback peers only.
@@ -71,6 +73,32 @@ pub struct WsSettings {
 pub struct NamespaceSettings {
     /// Clients may `publish` to topics of this namespace.
     pub client_publish: bool,
+}
+
+/// Redis broker tuning.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// The URLs are seed nodes of one Redis Cluster (sharded pub/sub) rather than independent
+    /// instances sharded by topic.
+    pub cluster: bool,
+    /// How long a node stays subscribed to a channel after its last local interest ended.
+    pub linger: Duration,
+    /// Liveness of a node's registry entry and connection-slot reservation without renewal: a
+    /// dead node's share of `max_connections` returns after at most this long.
+    pub lease_ttl: Duration,
+    /// Connection slots reserved from the cluster budget per trip to Redis.
+    pub admission_block: usize,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            cluster: false,
+            linger: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(10),
+            admission_block: 16,
+        }
+    }
 }
 
 /// permessage-deflate (RFC 7692) settings; negotiated in the compression issue.
@@ -122,6 +150,7 @@ impl Default for Settings {
             namespaces: HashMap::new(),
             default_namespace: NamespaceSettings::default(),
             redis_urls: Vec::new(),
+            redis: RedisSettings::default(),
             jwt_secret: None,
             api_keys: Vec::new(),
             compression: CompressionSettings::default(),
@@ -227,6 +256,15 @@ impl Settings {
                     format!("{url:?} is not a redis:// or rediss:// URL"),
                 );
             }
+        }
+        if self.redis.admission_block == 0 {
+            bad("redis.admission_block", "must be at least 1".into());
+        }
+        if self.redis.lease_ttl < Duration::from_millis(300) {
+            bad(
+                "redis.lease_ttl",
+                "must be at least 300ms (it is renewed every third of it)".into(),
+            );
         }
         if matches!(&self.jwt_secret, Some(s) if s.is_empty()) {
             bad("auth.jwt_secret", "must not be empty when set".into());

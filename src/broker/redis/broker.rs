@@ -119,7 +119,13 @@ impl RedisBroker {
                     tracing::warn!(channel, error = %e, "dropped a message from redis");
                 }
             });
-            let subscriber = Subscriber::start(SubscriberConfig::new(url.as_str()), handler);
+            let subscriber = Subscriber::start(
+                SubscriberConfig {
+                    linger: settings.redis.linger,
+                    ..SubscriberConfig::new(url.as_str())
+                },
+                handler,
+            );
             shards.push(Shard { pool, subscriber });
         }
         let Some(first) = shards.first() else {
@@ -135,12 +141,19 @@ impl RedisBroker {
 
         let admission = ClusterAdmission::new(
             first.pool.clone(),
-            AdmissionConfig::new(node_id.as_str(), settings.ws.max_connections),
+            AdmissionConfig {
+                block: settings.redis.admission_block,
+                lease_ttl: settings.redis.lease_ttl,
+                ..AdmissionConfig::new(node_id.as_str(), settings.ws.max_connections)
+            },
             slots,
         );
         let presence = Arc::new(Presence::new(
             shards.iter().map(|s| s.pool.clone()).collect(),
-            PresenceConfig::new(node_id.as_str()),
+            PresenceConfig {
+                ttl: settings.redis.lease_ttl,
+                ..PresenceConfig::new(node_id.as_str())
+            },
         ));
         let (presence_ops, ops_rx) = mpsc::unbounded_channel();
         let counts_hub = Arc::clone(&hub);
