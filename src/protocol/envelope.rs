@@ -21,22 +21,38 @@ use crate::ws::frame;
 #[derive(Debug, Deserialize)]
 pub struct Inbound<'a> {
     #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<Text<'a>>,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
     #[serde(rename = "messageId", borrow, default)]
     message_id: Option<&'a RawValue>,
     /// Top-level topic (publish and single-topic subscribe may carry it here or in `data`).
     #[serde(borrow, default)]
-    pub topic: Option<Cow<'a, str>>,
+    pub topic: Option<Text<'a>>,
     /// Recipient user of a direct message; present-but-empty means broadcast.
     #[serde(borrow, default)]
-    pub to: Option<Cow<'a, str>>,
+    pub to: Option<Text<'a>>,
     #[serde(borrow, default)]
     pub data: Option<&'a RawValue>,
     /// The framework guide's name for the payload of direct messages.
     #[serde(borrow, default)]
     pub content: Option<&'a RawValue>,
+}
+
+/// A string field borrowed from the frame when it has no escapes.
+///
+/// serde borrows into a `Cow<str>` only when the field is a bare `Cow` marked `borrow`; inside an
+/// `Option` it always allocates, so optional strings go through this newtype.
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Why a text message is not a usable envelope.
@@ -208,6 +224,16 @@ pub struct DisconnectNotice<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_strings_are_borrowed_not_copied() {
+        let m = Inbound::parse(r#"{"type":"chat","to":"u2","topic":"t"}"#).expect("parses");
+        for field in [&m.kind, &m.to, &m.topic] {
+            assert!(matches!(field, Some(Text(Cow::Borrowed(_)))), "{field:?}");
+        }
+        let m = Inbound::parse(r#"{"type":"ch\u0061t"}"#).expect("parses");
+        assert_eq!(m.kind(), "chat");
+    }
 
     #[test]
     fn message_id_is_an_alias_of_id() {

@@ -59,13 +59,16 @@
 //! [`ClusterAdmission::reserve_block`] and [`ClusterAdmission::tick`] return
 //! [`AdmissionError`] and leave the local limit **unchanged**: the node keeps admitting
 //! connections within the reservation it already holds, and nothing beyond it (the connect path
-//! then refuses with close code 1013, "try again later"). Existing connections are never closed
+//! then refuses with close code 1013, "try again later"). For [`RETRY_AFTER`] after a failure,
+//! `reserve_block`/`grow` fail at once ([`AdmissionError::Unavailable`]) rather than queue
+//! connects behind an unreachable Redis; every Redis trip is bounded by a timeout of
+//! `lease_ttl / 4` (clamped to 100 ms ..= 2 s). Existing connections are never closed
 //! for admission reasons. After Redis comes back the next tick re-establishes the lease (and
 //! re-reserves the node's limit, even if Redis lost its data).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::Pool;
 use redis::Script;
@@ -119,6 +122,11 @@ if last > 0 then redis.call('PEXPIREAT', KEYS[1], last + 1000) end
 return {granted, previous, others}
 ";
 
+/// After a failed trip to Redis, `reserve_block`/`grow` fail at once for this long instead of
+/// trying again (so a connect storm does not queue behind an unreachable Redis); `tick` always
+/// tries.
+pub const RETRY_AFTER: Duration = Duration::from_millis(500);
+
 /// How a node takes part in cluster admission.
 #[derive(Debug, Clone)]
 pub struct AdmissionConfig {
@@ -154,6 +162,9 @@ pub enum AdmissionError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// Not tried: the last attempt failed this long ago (less than [`RETRY_AFTER`]).
+    #[error("redis unreachable (last attempt failed {0:?} ago)")]
+    Unavailable(Duration),
 }
 
 /// This node's share of the cluster connection budget; see the module doc.
@@ -167,8 +178,9 @@ pub struct ClusterAdmission {
     op: Mutex<()>,
     /// Set by `release_all`: no more reservations.
     closed: AtomicBool,
-    /// Whether the last trip to Redis failed (to log outages once, not every tick).
-    failing: AtomicBool,
+    /// When the last trip to Redis failed (`None` while it works): outages are logged once, and
+    /// the connect path does not queue behind a Redis that just failed.
+    last_failure: parking_lot::Mutex<Option<Instant>>,
     op_timeout: Duration,
 }
 
@@ -210,7 +222,7 @@ impl ClusterAdmission {
             script: Script::new(RESERVE_SCRIPT),
             op: Mutex::new(()),
             closed: AtomicBool::new(false),
-            failing: AtomicBool::new(false),
+            last_failure: parking_lot::Mutex::new(None),
             op_timeout,
         })
     }
@@ -250,6 +262,9 @@ impl ClusterAdmission {
         let want = limit
             .saturating_add(self.config.block)
             .min(self.config.max_connections);
+        if let Some(ago) = self.failed_recently() {
+            return Err(AdmissionError::Unavailable(ago));
+        }
         let grant = self.run(want).await?;
         self.apply(limit, grant);
         if grant.granted > limit {
@@ -421,14 +436,18 @@ impl ClusterAdmission {
                 })
             })
             .await;
+        let was_failing = match &result {
+            Ok(_) => self.last_failure.lock().take().is_some(),
+            Err(_) => self.last_failure.lock().replace(Instant::now()).is_some(),
+        };
         match &result {
             Ok(_) => {
-                if self.failing.swap(false, Ordering::AcqRel) {
+                if was_failing {
                     tracing::info!(node = %self.config.node_id, "cluster admission reached redis again");
                 }
             }
             Err(e) => {
-                if !self.failing.swap(true, Ordering::AcqRel) {
+                if !was_failing {
                     tracing::warn!(
                         node = %self.config.node_id,
                         error = %e,
@@ -440,6 +459,13 @@ impl ClusterAdmission {
             }
         }
         result
+    }
+
+    /// How long ago Redis last failed, if that is less than [`RETRY_AFTER`] ago.
+    fn failed_recently(&self) -> Option<Duration> {
+        let at = (*self.last_failure.lock())?;
+        let ago = at.elapsed();
+        (ago < RETRY_AFTER).then_some(ago)
     }
 
     async fn with_timeout<T>(

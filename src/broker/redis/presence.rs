@@ -22,7 +22,9 @@
 //! # Losing Redis
 //!
 //! The node keeps a local copy of what it wrote (its users and topic entries). A write that
-//! fails (Redis unreachable) still updates the local copy and marks it dirty; when the node's
+//! fails (Redis unreachable) still updates the local copy and marks it dirty; until the next
+//! successful resync, later writes only update the local copy (returning
+//! [`PresenceError::Deferred`]) instead of waiting on Redis. When the node's
 //! registry entry was missing or stale at a heartbeat (Redis restarted and lost its data, or the
 //! node was considered dead) or the copy is dirty, the heartbeat re-writes everything: the user
 //! set is replaced, topic entries are re-added, and leaves that failed are retried. Presence is
@@ -143,6 +145,10 @@ pub enum PresenceError {
     Timeout(Duration),
     #[error("no redis shard configured")]
     NoShards,
+    /// Not written now: an earlier write failed, so this change waits (kept locally) for the
+    /// next heartbeat's resync.
+    #[error("redis unreachable; the change is kept and written once redis is back")]
+    Deferred,
     #[error("encoding a presence entry: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -240,6 +246,16 @@ impl Presence {
         tokio::time::timeout(self.op_timeout, fut)
             .await
             .unwrap_or(Err(PresenceError::Timeout(self.op_timeout)))
+    }
+
+    /// While a resync is pending, writes only go to the local copy (the resync writes them), so
+    /// updates do not queue behind an unreachable Redis.
+    fn defer_if_dirty(&self) -> Result<(), PresenceError> {
+        if self.dirty.load(Ordering::Acquire) {
+            Err(PresenceError::Deferred)
+        } else {
+            Ok(())
+        }
     }
 
     /// Notes a failed write: the local copy already has the change, the next heartbeat
@@ -402,6 +418,7 @@ impl Presence {
     pub async fn user_online(&self, user: &str) -> Result<(), PresenceError> {
         let _shared = self.writes.read().await;
         self.local.lock().users.insert(user.to_owned());
+        self.defer_if_dirty()?;
         let key = node_users_key(&self.config.node_id);
         let result = self
             .with_timeout(async {
@@ -427,6 +444,7 @@ impl Presence {
     pub async fn user_offline(&self, user: &str) -> Result<(), PresenceError> {
         let _shared = self.writes.read().await;
         self.local.lock().users.remove(user);
+        self.defer_if_dirty()?;
         let key = node_users_key(&self.config.node_id);
         let result = self
             .with_timeout(async {
@@ -462,6 +480,7 @@ impl Presence {
                 .pending_leaves
                 .retain(|(t, f)| !(t == topic && *f == field));
         }
+        self.defer_if_dirty()?;
         let result = self
             .with_timeout(async {
                 let mut conn = self.topic_pool(topic)?.get().await?;
@@ -488,6 +507,10 @@ impl Presence {
                 if entries.is_empty() {
                     local.topics.remove(topic);
                 }
+            }
+            if self.dirty.load(Ordering::Acquire) {
+                local.pending_leaves.push((topic.to_owned(), field.clone()));
+                return Err(PresenceError::Deferred);
             }
         }
         let result = self
