@@ -1,33 +1,17 @@
-//! Several gateway nodes sharing one Redis: delivery across nodes.
+//! Several gateway nodes sharing Redis (real `redis-server` processes on free ports, three
+//! in-process nodes `a`, `b`, `c`): topic, user and broadcast delivery across nodes, plain
+//! `PUBLISH` from a backend, subscription hygiene (a node only listens to what its clients hold),
+//! cluster-wide presence, disconnect and send-to-connection across nodes, cluster-wide `seq`,
+//! sharding over two independent Redis instances, and the Redis traffic of one publication.
 mod common;
+use common::cluster::*;
 use common::redis::RedisServer;
 use common::*;
-use serde_json::json;
-use std::time::Duration;
-
-async fn cluster_node(redis: &[String], id: &str) -> wsgate::node::RunningNode {
-    let urls = redis.to_vec();
-    let id = id.to_string();
-    start_node(move |s| {
-        s.redis_urls = urls;
-        s.node_id = id;
-        s.redis.linger = Duration::from_millis(200);
-        s.redis.lease_ttl = Duration::from_secs(1);
-    })
-    .await
-}
-
-/// Waits until `check` holds (polling), or panics with `what`.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use wsgate::broker::redis::shard::shard_of;
+use wsgate::config::NamespaceSettings;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_publish_on_a_reaches_a_client_on_c() {
@@ -56,4 +40,560 @@ async fn http_publish_on_a_reaches_a_client_on_c() {
     let m = client.expect_type("route_update").await;
     assert_eq!(m["seq"], 1);
     assert_eq!(m["data"]["n"], 1);
+}
+
+/// A publication of `topic` without `seq` and `epoch` (published by a backend with plain
+/// `PUBLISH`).
+fn assert_unsequenced(m: &Value) {
+    let obj = m.as_object().expect("an object");
+    assert!(
+        !obj.contains_key("seq") && !obj.contains_key("epoch"),
+        "a plain PUBLISH carries no seq/epoch: {m}"
+    );
+}
+
+/// The delivery scenario, on one Redis or on several sharded by topic. Node `c` holds user
+/// `u_c` subscribed to `t_c` and `t_bc`; node `b` holds `u_b` subscribed to `t_bc`; node `a`
+/// holds `u_a` with no subscription. With several servers `t_c` and `t_bc` live on different
+/// shards and each channel must exist on its own shard only.
+async fn delivery_across_nodes(servers: &[RedisServer]) {
+    let shards = servers.len();
+    let urls = urls(servers);
+    let [a, b, c] = three_nodes(&urls).await;
+
+    // Topics and users on different shards when there are several.
+    let t_c = name_on_shard("routes", shards - 1, shards);
+    let t_bc = name_on_shard("metrics", 0, shards);
+    let u_c = name_on_shard("carol", shards - 1, shards);
+    let u_b = name_on_shard("bob", 0, shards);
+    let u_a = name_on_shard("alice", 0, shards);
+    let server_of = |name: &str| &servers[shard_of(name, shards)];
+    let topic_ch = |t: &str| format!("wsgate:t:{{{t}}}");
+    let user_ch = |u: &str| format!("wsgate:u:{{{u}}}");
+
+    let (mut on_c, _) = connect(c.local_addr, &format!("/ws?user_id={u_c}")).await;
+    let (mut on_b, _) = connect(b.local_addr, &format!("/ws?user_id={u_b}")).await;
+    let (mut on_a, _) = connect(a.local_addr, &format!("/ws?user_id={u_a}")).await;
+    subscribe(&mut on_c, &[&t_c, &t_bc]).await;
+    subscribe(&mut on_b, &[&t_bc]).await;
+
+    // One subscription per node that needs the channel, on the channel's shard.
+    wait_numsub(server_of(&t_c), &topic_ch(&t_c), 1).await;
+    wait_numsub(server_of(&t_bc), &topic_ch(&t_bc), 2).await;
+    for u in [&u_a, &u_b, &u_c] {
+        wait_numsub(server_of(u), &user_ch(u), 1).await;
+    }
+    assert_eq!(numsub(&servers[0], "wsgate:broadcast"), 3);
+    assert_eq!(numsub(&servers[0], "wsgate:control"), 3);
+    for node in ["a", "b", "c"] {
+        assert_eq!(numsub(&servers[0], &format!("wsgate:node:{node}")), 1);
+    }
+    if shards > 1 {
+        assert_ne!(shard_of(&t_c, shards), shard_of(&t_bc, shards));
+        for (i, server) in servers.iter().enumerate() {
+            let channels = server.channels();
+            for name in [&t_c, &t_bc] {
+                let on_this = channels.contains(&topic_ch(name));
+                assert_eq!(
+                    on_this,
+                    i == shard_of(name, shards),
+                    "channel of {name} on server {i}: {channels:?}"
+                );
+            }
+            for u in [&u_a, &u_b, &u_c] {
+                assert_eq!(
+                    channels.contains(&user_ch(u)),
+                    i == shard_of(u, shards),
+                    "channel of user {u} on server {i}: {channels:?}"
+                );
+            }
+            // Broadcast, control and node channels live on the first instance only.
+            assert_eq!(
+                channels.contains(&"wsgate:broadcast".to_string()),
+                i == 0,
+                "{channels:?}"
+            );
+        }
+    }
+
+    // Topic: an HTTP publish on `a` reaches `c` only (b is not subscribed to t_c).
+    let receipt = http_publish(a.local_addr, &t_c, "route_update", json!({"n": 1})).await;
+    let m = expect_publication(&mut on_c, &t_c, &json!({"n": 1})).await;
+    assert_eq!(m["type"], "route_update");
+    assert_eq!(m["seq"], 1);
+    assert_eq!(m["seq"], receipt["seq"]);
+    assert_eq!(m["epoch"], receipt["epoch"]);
+
+    // A topic two nodes hold: both get it, in one copy each.
+    http_publish(a.local_addr, &t_bc, "metrics", json!({"n": 2})).await;
+    expect_publication(&mut on_c, &t_bc, &json!({"n": 2})).await;
+    expect_publication(&mut on_b, &t_bc, &json!({"n": 2})).await;
+
+    // A backend's plain PUBLISH on the topic channel: delivered to both nodes, unsequenced.
+    let receivers = backend_publish(
+        server_of(&t_bc),
+        &topic_ch(&t_bc),
+        r#"{"type":"route_update","data":{"n":3}}"#,
+    );
+    assert_eq!(receivers, 2, "two nodes hold {t_bc}");
+    for client in [&mut on_c, &mut on_b] {
+        let m = expect_publication(client, &t_bc, &json!({"n": 3})).await;
+        assert_eq!(m["type"], "route_update");
+        assert_unsequenced(&m);
+    }
+
+    // User: the HTTP API on `a` reaches the user's connection on `c`.
+    let (status, body) = post(
+        a.local_addr,
+        "/api/ws/send",
+        json!({"type": "notification", "to": u_c, "data": {"n": 4}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let m = on_c.expect_type("notification").await;
+    assert_eq!(m["to"], u_c.as_str(), "{m}");
+    assert_eq!(m["data"], json!({"n": 4}));
+    assert!(m.get("from").is_none(), "an API message has no sender: {m}");
+
+    // A client on `a` writes to the user on `b`: `from` is the sender's identity.
+    u_a_chats_to(&mut on_a, &u_b).await;
+    let m = on_b.expect_type("chat").await;
+    assert_eq!(m["from"], u_a.as_str(), "{m}");
+    assert_eq!(m["to"], u_b.as_str(), "{m}");
+    assert_eq!(m["data"], json!({"text": "hi"}));
+
+    // A backend's plain PUBLISH on a user channel.
+    let receivers = backend_publish(
+        server_of(&u_c),
+        &user_ch(&u_c),
+        r#"{"type":"notification","data":{"n":5}}"#,
+    );
+    assert_eq!(receivers, 1);
+    let m = on_c.expect_type("notification").await;
+    assert_eq!(m["data"], json!({"n": 5}));
+
+    // Broadcast: the HTTP API on `b`, and a backend's plain PUBLISH, reach every node.
+    let (status, body) = post(
+        b.local_addr,
+        "/api/ws/broadcast",
+        json!({"type": "announcement", "data": {"n": 6}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for client in [&mut on_a, &mut on_b, &mut on_c] {
+        let m = client.expect_type("announcement").await;
+        assert_eq!(m["data"], json!({"n": 6}));
+    }
+    let receivers = backend_publish(
+        &servers[0],
+        "wsgate:broadcast",
+        r#"{"type":"announcement","content":{"n":7}}"#,
+    );
+    assert_eq!(receivers, 3);
+    for client in [&mut on_a, &mut on_b, &mut on_c] {
+        let m = client.expect_type("announcement").await;
+        assert_eq!(m["data"], json!({"n": 7}), "{m}");
+        assert_eq!(m["content"], json!({"n": 7}), "{m}");
+    }
+
+    // Nobody got anything more (no duplicates, no topic traffic on `a`).
+    for client in [&mut on_a, &mut on_b, &mut on_c] {
+        client.expect_silence().await;
+    }
+}
+
+async fn u_a_chats_to(on_a: &mut Client, to: &str) {
+    let ack = on_a
+        .request(json!({"type": "chat", "id": "m1", "to": to, "data": {"text": "hi"}}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_user_and_broadcast_delivery_across_nodes() {
+    let redis = RedisServer::start();
+    delivery_across_nodes(std::slice::from_ref(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_across_nodes_with_topics_sharded_over_two_redis_instances() {
+    let servers = [RedisServer::start(), RedisServer::start()];
+    delivery_across_nodes(&servers).await;
+}
+
+/// A node subscribes to a topic's channel only while one of its own clients holds the topic,
+/// and unsubscribes (after the linger) when its last local subscriber leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_listens_only_to_topics_its_clients_hold() {
+    let redis = RedisServer::start();
+    let [a, b, c] = three_nodes(&[redis.url()]).await;
+    let ch = "wsgate:t:{solo}";
+    assert_eq!(numsub(&redis, ch), 0, "no client holds solo yet");
+
+    // Two subscribers on `c`: one subscription in Redis.
+    let (mut c1, _) = connect(c.local_addr, "/ws?user_id=c1").await;
+    let (mut c2, _) = connect(c.local_addr, "/ws?user_id=c2").await;
+    subscribe(&mut c1, &["solo"]).await;
+    subscribe(&mut c2, &["solo"]).await;
+    wait_numsub(&redis, ch, 1).await;
+    // Clients on `a` and `b` that hold other topics do not make their nodes listen to solo.
+    let (mut on_a, _) = connect(a.local_addr, "/ws?user_id=a1").await;
+    subscribe(&mut on_a, &["other"]).await;
+    wait_numsub(&redis, "wsgate:t:{other}", 1).await;
+    assert_eq!(numsub(&redis, ch), 1);
+
+    // A publication through `a` reaches both subscribers on `c` (one delivery to node `c`).
+    http_publish(a.local_addr, "solo", "tick", json!(1)).await;
+    expect_publication(&mut c1, "solo", &json!(1)).await;
+    expect_publication(&mut c2, "solo", &json!(1)).await;
+    on_a.expect_silence().await;
+
+    // `b` gains a subscriber, then loses it: unsubscribed after the linger, not before.
+    let (mut on_b, _) = connect(b.local_addr, "/ws?user_id=b1").await;
+    subscribe(&mut on_b, &["solo"]).await;
+    wait_numsub(&redis, ch, 2).await;
+    let unsubscribe_sent = Instant::now();
+    let ack = on_b
+        .request(json!({"type": "unsubscribe", "id": "u", "data": {"topics": ["solo"]}}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    wait_numsub(&redis, ch, 1).await;
+    let took = unsubscribe_sent.elapsed();
+    assert!(
+        took >= LINGER,
+        "b unsubscribed after {took:?}, before the {LINGER:?} linger"
+    );
+
+    // The last local subscribers leave `c` (one unsubscribes, one disconnects): no node listens.
+    let ack = c1
+        .request(json!({"type": "unsubscribe", "id": "u", "data": {"topic": "solo"}}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(numsub(&redis, ch), 1, "c2 still holds solo on c");
+    c2.close().await;
+    wait_numsub(&redis, ch, 0).await;
+    // The other channels stay: `a` still holds `other`, every node its own channels.
+    assert_eq!(numsub(&redis, "wsgate:t:{other}"), 1);
+    assert_eq!(numsub(&redis, "wsgate:broadcast"), 3);
+}
+
+/// What Redis does for one publication in a cluster of 3 nodes of which 1 holds the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_publication_costs_one_script_call_and_one_pubsub_delivery() {
+    let redis = RedisServer::start();
+    let urls = [redis.url()];
+    // A long lease so that background heartbeats and lease renewals (every third of it) rarely
+    // fall inside the measured windows; the minimum over several windows removes them anyway.
+    let long_lease = |s: &mut wsgate::config::Settings| s.redis.lease_ttl = Duration::from_secs(30);
+    let a = cluster_node_with(&urls, "a", long_lease).await;
+    let b = cluster_node_with(&urls, "b", long_lease).await;
+    let c = cluster_node_with(&urls, "c", long_lease).await;
+    for n in [&a, &b, &c] {
+        wait_ready(n.local_addr).await;
+    }
+    let (mut on_c, _) = connect(c.local_addr, "/ws?user_id=u1").await;
+    subscribe(&mut on_c, &["prices"]).await;
+    let ch = "wsgate:t:{prices}";
+    wait_numsub(&redis, ch, 1).await;
+
+    let stat = |name: &str| -> u64 {
+        let info = redis.cli(&["INFO", "stats"]);
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in INFO stats"))
+    };
+    let commands = |name: &str| redis.command_calls(name);
+
+    const ROUNDS: u64 = 5;
+    let mut total_deltas = Vec::new();
+    let mut evalsha_deltas = Vec::new();
+    for round in 1..=ROUNDS {
+        // `INFO` itself is a command: measure the cost of the measuring, then subtract it.
+        let t0 = stat("total_commands_processed");
+        let t1 = stat("total_commands_processed");
+        let probe = t1 - t0;
+        let (publish0, incr0, eval0) = (
+            commands("publish"),
+            commands("incr"),
+            commands("evalsha") + commands("eval"),
+        );
+        let t2 = stat("total_commands_processed");
+        http_publish(a.local_addr, "prices", "price", json!({"round": round})).await;
+        expect_publication(&mut on_c, "prices", &json!({"round": round})).await;
+        let t3 = stat("total_commands_processed");
+        let (publish1, incr1, eval1) = (
+            commands("publish"),
+            commands("incr"),
+            commands("evalsha") + commands("eval"),
+        );
+        // Exactly one PUBLISH and one INCR per publication: nothing else in the cluster runs
+        // either command, so these deltas are exact.
+        assert_eq!(publish1 - publish0, 1, "PUBLISH calls for one publication");
+        assert_eq!(incr1 - incr0, 1, "INCR calls for one publication");
+        // t2..t3 spans the publication plus the `INFO` that read t3 (`probe`).
+        total_deltas.push((t3 - t2).saturating_sub(probe));
+        evalsha_deltas.push(eval1 - eval0);
+    }
+
+    // Who received it: the channel has one subscriber (node c's subscription connection), so
+    // the PUBLISH reached exactly one node. A plain PUBLISH on the same channel shows the
+    // receiver count Redis reports.
+    assert_eq!(numsub(&redis, ch), 1);
+    let receivers = backend_publish(&redis, ch, r#"{"type":"price","data":"probe"}"#);
+    assert_eq!(receivers, 1, "only node c holds prices");
+    let m = on_c.expect_type("price").await;
+    assert_eq!(m["data"], "probe");
+    on_c.expect_silence().await;
+
+    let min_total = total_deltas.iter().min().copied().unwrap_or_default();
+    let min_eval = evalsha_deltas.iter().min().copied().unwrap_or_default();
+    assert_eq!(
+        min_eval, 1,
+        "one script call per publication: {evalsha_deltas:?}"
+    );
+    println!(
+        "redis traffic for one publication (3 nodes, 1 holds the topic), minimum over {ROUNDS} \
+         rounds:\n  commands processed (total_commands_processed delta): {min_total} \
+         (per round: {total_deltas:?})\n  script calls (EVALSHA): {min_eval}; inside it: INCR 1, \
+         GET 1, PUBLISH 1 (SET only when the sequence starts)\n  pubsub messages delivered: \
+         {receivers} (PUBSUB NUMSUB = 1: nodes a and b are not subscribed)\n  messages Redis \
+         sends: 1 reply to the publishing node + {receivers} pubsub push = {}",
+        1 + receivers
+    );
+}
+
+/// `/api/ws/status`, `/api/info` and `/api/presence` on any node describe the whole cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_cluster_wide() {
+    let redis = RedisServer::start();
+    let [a, b, c] = three_nodes(&[redis.url()]).await;
+    let (mut alice, alice_id) = connect_with_id(a.local_addr, "/ws?user_id=alice").await;
+    let (mut bob, bob_id) = connect_with_id(b.local_addr, "/ws?user_id=bob").await;
+    let (mut carol1, carol1_id) = connect_with_id(c.local_addr, "/ws?user_id=carol").await;
+    let (_carol2, _) = connect_with_id(c.local_addr, "/ws?user_id=carol").await;
+    subscribe(&mut alice, &["room"]).await;
+    subscribe(&mut bob, &["room"]).await;
+    subscribe(&mut carol1, &["room"]).await;
+
+    let addrs = [a.local_addr, b.local_addr, c.local_addr];
+    for addr in addrs {
+        eventually_some(&format!("cluster status on {addr}"), || async move {
+            let (status, body) = get(addr, "/api/ws/status").await;
+            let ok = status == 200
+                && body["online_users"] == json!(["alice", "bob", "carol"])
+                && body["online_count"] == 4
+                && body["online_user_count"] == 3
+                && body["nodes"] == 3;
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{status} {body}"))
+            }
+        })
+        .await;
+    }
+
+    let expected_nodes = json!([
+        {"id": "a", "connections": 1},
+        {"id": "b", "connections": 1},
+        {"id": "c", "connections": 2},
+    ]);
+    for addr in addrs {
+        let expected = &expected_nodes;
+        eventually_some(&format!("/api/info on {addr}"), || async move {
+            let (status, body) = get(addr, "/api/info").await;
+            if status == 200 && &body["nodes"] == expected {
+                Ok(())
+            } else {
+                Err(format!("{status} {body}"))
+            }
+        })
+        .await;
+    }
+
+    let expected_members = json!([
+        {"connectionId": alice_id, "node": "a", "userId": "alice"},
+        {"connectionId": bob_id, "node": "b", "userId": "bob"},
+        {"connectionId": carol1_id, "node": "c", "userId": "carol"},
+    ]);
+    for addr in addrs {
+        let expected = &expected_members;
+        eventually_some(&format!("/api/presence on {addr}"), || async move {
+            let (status, body) = get(addr, "/api/presence?topic=room").await;
+            let members: Vec<Value> = body["members"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| {
+                    json!({"connectionId": m["connectionId"], "node": m["node"],
+                                "userId": m["userId"]})
+                })
+                .collect();
+            if status == 200 && &json!(members) == expected && body["count"] == 3 {
+                Ok(())
+            } else {
+                Err(format!("{status} {body}"))
+            }
+        })
+        .await;
+    }
+
+    // Bob leaves: every node's view drops him.
+    bob.close().await;
+    for addr in addrs {
+        eventually_some(&format!("bob gone on {addr}"), || async move {
+            let (_, status) = get(addr, "/api/ws/status").await;
+            let (_, presence) = get(addr, "/api/presence?topic=room").await;
+            let nodes: BTreeMap<String, Value> = presence["members"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| (m["userId"].as_str().unwrap_or_default().to_string(), m))
+                .collect();
+            if status["online_users"] == json!(["alice", "carol"])
+                && status["online_count"] == 3
+                && presence["count"] == 2
+                && !nodes.contains_key("bob")
+            {
+                Ok(())
+            } else {
+                Err(format!("{status} {presence}"))
+            }
+        })
+        .await;
+    }
+}
+
+/// `/api/disconnect` and `/api/ws/send` with a `connectionId` act on connections of other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_and_send_to_a_connection_on_another_node() {
+    let redis = RedisServer::start();
+    let [a, _b, c] = three_nodes(&[redis.url()]).await;
+    // Several connections per node, so that node-local connection numbers overlap if they are
+    // only unique per node.
+    let mut on_a = Vec::new();
+    for i in 0..3 {
+        on_a.push(connect_with_id(a.local_addr, &format!("/ws?user_id=a{i}")).await);
+    }
+    let mut on_c = Vec::new();
+    for i in 0..3 {
+        on_c.push(connect_with_id(c.local_addr, &format!("/ws?user_id=c{i}")).await);
+    }
+    let (mut victim, _) = connect_with_id(c.local_addr, "/ws?user_id=mallory").await;
+    let (mut victim2, _) = connect_with_id(c.local_addr, "/ws?user_id=mallory").await;
+    wait_numsub(&redis, "wsgate:u:{mallory}", 1).await;
+
+    // Send to the second connection on `c`, through `a`.
+    let target = on_c[1].1;
+    let (status, body) = post(
+        a.local_addr,
+        "/api/ws/send",
+        json!({"type": "direct", "connectionId": target, "data": {"for": target}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let m = on_c[1].0.expect_type("direct").await;
+    assert_eq!(m["data"], json!({"for": target}));
+    for (client, id) in on_a.iter_mut().chain(on_c.iter_mut()) {
+        if *id != target {
+            client.expect_silence().await;
+        }
+    }
+
+    // Disconnect a user whose connections are all on `c`, through `a`: close 4003 with a notice.
+    let (status, body) = post(
+        a.local_addr,
+        "/api/disconnect",
+        json!({"userId": "mallory"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for client in [&mut victim, &mut victim2] {
+        let (code, _reason, seen) = client.expect_close().await;
+        assert_eq!(code, 4003, "{seen:?}");
+        find_disconnect(&seen, 4003, false);
+    }
+    // Nobody else was disconnected.
+    for (client, _) in on_a.iter_mut().chain(on_c.iter_mut()) {
+        let pong = client.request(json!({"type": "ping", "id": "p"})).await;
+        assert_eq!(pong["type"], "pong", "{pong}");
+    }
+    wait_numsub(&redis, "wsgate:u:{mallory}", 0).await;
+}
+
+/// Publications to one topic through different nodes share one sequence and one epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seq_is_cluster_wide() {
+    let redis = RedisServer::start();
+    let urls = [redis.url()];
+    let chat_ok = |s: &mut wsgate::config::Settings| {
+        s.namespaces.insert(
+            "chat".into(),
+            NamespaceSettings {
+                client_publish: true,
+            },
+        );
+    };
+    let a = cluster_node_with(&urls, "a", chat_ok).await;
+    let b = cluster_node_with(&urls, "b", chat_ok).await;
+    let c = cluster_node_with(&urls, "c", chat_ok).await;
+    for n in [&a, &b, &c] {
+        wait_ready(n.local_addr).await;
+    }
+    let (mut reader, _) = connect(c.local_addr, "/ws?user_id=r").await;
+    subscribe(&mut reader, &["orders", "chat:room"]).await;
+    wait_numsub(&redis, "wsgate:t:{orders}", 1).await;
+    wait_numsub(&redis, "wsgate:t:{chat:room}", 1).await;
+
+    // HTTP publishes through a, b, c in turn.
+    let mut receipts = Vec::new();
+    for (n, node) in [&a, &b, &c].into_iter().enumerate() {
+        receipts.push(http_publish(node.local_addr, "orders", "order", json!({"n": n + 1})).await);
+    }
+    let epoch = receipts[0]["epoch"].clone();
+    assert!(epoch.as_str().is_some_and(|e| !e.is_empty()), "{epoch}");
+    for (i, r) in receipts.iter().enumerate() {
+        assert_eq!(r["seq"], i + 1, "{receipts:?}");
+        assert_eq!(r["epoch"], epoch, "{receipts:?}");
+    }
+    for n in 1..=3 {
+        let m = expect_publication(&mut reader, "orders", &json!({"n": n})).await;
+        assert_eq!(m["seq"], n, "{m}");
+        assert_eq!(m["epoch"], epoch, "{m}");
+    }
+
+    // Client publishes through a, b and c: one sequence too.
+    let (mut pub_a, _) = connect(a.local_addr, "/ws?user_id=pa").await;
+    let (mut pub_b, _) = connect(b.local_addr, "/ws?user_id=pb").await;
+    let (mut pub_c, _) = connect(c.local_addr, "/ws?user_id=pc").await;
+    let mut acks = Vec::new();
+    for (i, client) in [&mut pub_a, &mut pub_b, &mut pub_c].into_iter().enumerate() {
+        let ack = client
+            .request(json!({"type": "publish", "id": format!("p{i}"),
+                            "data": {"topic": "chat:room", "type": "say", "data": {"i": i}}}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        acks.push(ack);
+    }
+    let chat_epoch = acks[0]["data"]["epoch"].clone();
+    for (i, ack) in acks.iter().enumerate() {
+        assert_eq!(ack["data"]["seq"], i + 1, "{acks:?}");
+        assert_eq!(ack["data"]["epoch"], chat_epoch, "{acks:?}");
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = reader.recv_json().await;
+        if m["topic"] == "chat:room" {
+            got.push((m["seq"].clone(), m["epoch"].clone(), m["data"]["i"].clone()));
+        }
+    }
+    assert_eq!(
+        got,
+        (0..3)
+            .map(|i| (json!(i + 1), chat_epoch.clone(), json!(i)))
+            .collect::<Vec<_>>()
+    );
 }

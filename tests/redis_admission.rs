@@ -12,7 +12,7 @@ use deadpool_redis::{Config, Pool, Runtime};
 use tokio::time::{sleep, timeout, Instant};
 use wsgate::broker::redis::admission::{AdmissionConfig, ClusterAdmission};
 use wsgate::broker::redis::keys::{node_users_key, topic_presence_key, ADMISSION_KEY, NODES_KEY};
-use wsgate::broker::redis::presence::{Presence, PresenceConfig, PresenceEntry};
+use wsgate::broker::redis::presence::{Presence, PresenceConfig, PresenceEntry, PresenceError};
 use wsgate::broker::redis::shard::shard_of;
 use wsgate::limits::{ConnectionSlots, Slot};
 
@@ -110,19 +110,19 @@ async fn concurrent_reservations_never_exceed_the_budget() {
         50,
         "{stored:?}"
     );
-    for ((node, reserved), admission) in stored.iter().zip(&nodes) {
-        assert_eq!(node, &admission.config().node_id);
-        assert_eq!(
-            *reserved,
-            admission.slots().limit(),
-            "Redis mirrors the local limit"
-        );
+    // Redis mirrors every local limit (a node that got nothing has no field).
+    for node in &nodes {
+        let in_redis = stored
+            .iter()
+            .find(|(id, _)| *id == node.config().node_id)
+            .map_or(0, |(_, r)| *r);
+        assert_eq!(in_redis, node.slots().limit(), "{}", node.config().node_id);
     }
     // Exhausted: nobody gets more.
     for node in &nodes {
         assert!(!node.reserve_block().await.expect("redis reachable"));
     }
-    assert_eq!(nodes[0].reservations().await.expect("read").len(), 3);
+    assert_eq!(nodes[0].reservations().await.expect("read"), stored);
 }
 
 /// What a session does: `try_acquire`, and on refusal ask admission to grow, then try again.
@@ -336,7 +336,7 @@ async fn redis_unreachable_keeps_the_current_reservation_then_recovers() {
 async fn a_node_whose_lease_lapsed_reclaims_only_what_is_free() {
     // The documented margin: n1's lease lapses while it still holds connections (its renewals
     // failed for a whole TTL); n2 takes the budget meanwhile.
-    let ttl = Duration::from_millis(500);
+    let ttl = Duration::from_secs(2);
     let server = RedisServer::start();
     let n1 = admission(&server, "n1", 20, 10, ttl);
     let n2 = admission(&server, "n2", 20, 10, ttl);
@@ -524,7 +524,10 @@ async fn presence_is_rewritten_after_redis_loses_it() {
     assert!(p1.heartbeat(2, 1).await.is_err());
     // Changes while Redis is away are kept locally.
     assert!(p1.topic_leave("chat", 2).await.is_err());
-    assert!(p1.user_online("bob").await.is_err());
+    assert!(
+        matches!(p1.user_online("bob").await, Err(PresenceError::Deferred)),
+        "after a failed write, changes wait for the resync instead of Redis"
+    );
 
     server.restart();
     assert_eq!(

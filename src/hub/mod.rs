@@ -63,7 +63,13 @@ pub struct Hub {
 
 impl Hub {
     pub fn new() -> Arc<Self> {
-        Arc::new(Hub::default())
+        // Connection ids must not repeat across the nodes of a cluster: `/api/ws/send` with a
+        // `connectionId` and the control channel name a connection by its id alone. Each hub
+        // counts from a random point below 2^52, so ids stay exact as JavaScript numbers.
+        Arc::new(Hub {
+            next_id: AtomicU64::new(rand::random::<u64>() >> 12),
+            ..Hub::default()
+        })
     }
 
     /// A fresh connection id.

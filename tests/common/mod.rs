@@ -483,3 +483,5 @@ pub fn find_disconnect(msgs: &[Value], code: u16, reconnect: bool) -> Value {
 }
 
 pub mod redis;
+
+pub mod cluster;

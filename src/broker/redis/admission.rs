@@ -43,7 +43,8 @@
 //!
 //! The one exception — the **lease margin** — is a node that is alive and holds connections but
 //! whose lease expired: its renewals failed for a whole `lease_ttl` (Redis unreachable from that
-//! node, a long stall). Other nodes may then reserve its share while its connections stay up. The
+//! node, a long stall), or Redis lost the hash (restart without persistence) and the node has not
+//! ticked since (at most `lease_ttl / 3`). Other nodes may then reserve its share while its connections stay up. The
 //! cluster-wide excess is bounded by that node's reservation (its local limit, which it never
 //! raises without Redis), so: **admitted <= `max_connections` + the reservations of the nodes
 //! whose lease lapsed while alive** — at most `max_connections + R` for one such node holding

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use super::admission::{AdmissionConfig, ClusterAdmission};
 use super::inbound;
 use super::keys;
-use super::presence::{Presence, PresenceConfig, PresenceEntry};
+use super::presence::{Presence, PresenceConfig, PresenceEntry, PresenceError};
 use super::pubsub::{Subscriber, SubscriberConfig};
 use super::shard::shard_of;
 use crate::broker::memory::{deliver_direct, disconnect_local};
@@ -227,8 +227,13 @@ async fn apply_presence_ops(presence: Arc<Presence>, mut ops: mpsc::UnboundedRec
             PresenceOp::Join(topic, entry) => presence.topic_join(topic, entry).await,
             PresenceOp::Leave(topic, id) => presence.topic_leave(topic, *id).await,
         };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "presence update lost: redis unreachable");
+        match result {
+            Ok(()) => {}
+            // Kept locally and rewritten by the next heartbeat that reaches Redis.
+            Err(PresenceError::Deferred) => tracing::debug!("presence update deferred"),
+            Err(e) => {
+                tracing::warn!(error = %e, "presence update failed; the next heartbeat repairs it")
+            }
         }
     }
 }

@@ -23,7 +23,7 @@ pub fn topic_epoch_key(topic: &str) -> String {
     format!("{PREFIX}:t:{{{topic}}}:epoch")
 }
 
-/// Per-topic presence: hash of connection id -> `{"node","clientId","userId"}`.
+/// Per-topic presence: hash of `<node>:<connectionId>` -> `{"connectionId","node","clientId","userId"}`.
 pub fn topic_presence_key(topic: &str) -> String {
     format!("{PREFIX}:t:{{{topic}}}:presence")
 }
@@ -60,7 +60,7 @@ pub fn node_users_key(node_id: &str) -> String {
     format!("{PREFIX}:node:{node_id}:users")
 }
 
-/// Cluster admission: hash of node id -> connection slots that node has reserved.
+/// Cluster admission: hash of node id -> `<reserved slots>:<lease expiry, ms of Redis time>`.
 pub const ADMISSION_KEY: &str = "wsgate:admission";
 
 /// What a subscribed channel carries, recovered from its name.
