@@ -3,6 +3,7 @@
 //! `writer` (bounded queue, batched writes) -> socket. `guard` sits below fastwebsockets on the
 //! read path; `frame` builds the server's frame bytes.
 
+pub mod deflate;
 pub mod frame;
 pub mod guard;
 pub mod session;
