@@ -324,6 +324,7 @@ fn build_hub(filtering: Filtering) -> Arc<Hub> {
             // Large enough never to overflow between rebuilds.
             outbound: Outbound::new(1 << 40),
             connected_at: SystemTime::now(),
+            deflate: None,
         });
         hub.register(Arc::clone(&conn));
         let options = if i % 2 == 1 { &filtered } else { &plain };

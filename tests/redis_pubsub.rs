@@ -31,6 +31,7 @@ fn start(url: String) -> (Subscriber, Received) {
         url,
         linger: LINGER,
         max_backoff: Duration::from_millis(500),
+        ..SubscriberConfig::default()
     };
     (Subscriber::start(config, handler), received)
 }

@@ -58,7 +58,7 @@ pub fn deliver_direct(hub: &Hub, msg: &Direct) -> usize {
     .encode();
     match &msg.recipient {
         Recipient::User(user) => hub.deliver_to_user(user, &frame),
-        Recipient::Connection(id) => usize::from(hub.deliver_to_connection(*id, frame)),
+        Recipient::Connection(id) => usize::from(hub.deliver_to_connection(*id, &frame)),
         Recipient::Everyone => hub.deliver_to_all(&frame),
     }
 }

@@ -14,14 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use dashmap::DashMap;
 
 use crate::protocol::codes::CloseCode;
 use crate::protocol::filter::{Filter, SubscriptionOptions};
 use crate::ws::writer::Outbound;
 use conflate::Conflator;
-pub use publication::{DirectMessage, Publication};
+pub use publication::{DeflateParams, DirectMessage, Publication, SharedFrame};
 
 /// A connection's id, unique within this node's run.
 pub type ConnId = u64;
@@ -33,6 +32,8 @@ pub struct Connection {
     pub user_id: Option<Arc<str>>,
     pub outbound: Arc<Outbound>,
     pub connected_at: SystemTime,
+    /// permessage-deflate as negotiated at the upgrade (`None`: plain frames only).
+    pub deflate: Option<DeflateParams>,
 }
 
 /// One connection's subscription to one topic.
@@ -174,7 +175,7 @@ impl Hub {
                     continue;
                 }
             }
-            let frame = publication.frame.clone();
+            let frame = publication.frame.for_recipient(sub.conn.deflate);
             match &sub.conflator {
                 Some(c) => {
                     c.offer(frame, &sub.conn.outbound);
@@ -190,27 +191,24 @@ impl Hub {
     }
 
     /// Queues `frame` to every local connection of `user`; returns how many took it.
-    pub fn deliver_to_user(&self, user: &str, frame: &Bytes) -> usize {
+    pub fn deliver_to_user(&self, user: &str, frame: &SharedFrame) -> usize {
         self.users.get(user).map_or(0, |conns| {
-            conns
-                .iter()
-                .filter(|c| c.outbound.push(frame.clone()).is_ok())
-                .count()
+            conns.iter().filter(|c| push_shared(c, frame)).count()
         })
     }
 
     /// Queues `frame` to one connection; returns whether it took it.
-    pub fn deliver_to_connection(&self, id: ConnId, frame: Bytes) -> bool {
+    pub fn deliver_to_connection(&self, id: ConnId, frame: &SharedFrame) -> bool {
         self.connections
             .get(&id)
-            .is_some_and(|c| c.outbound.push(frame).is_ok())
+            .is_some_and(|c| push_shared(&c, frame))
     }
 
     /// Queues `frame` to every local connection; returns how many took it.
-    pub fn deliver_to_all(&self, frame: &Bytes) -> usize {
+    pub fn deliver_to_all(&self, frame: &SharedFrame) -> usize {
         self.connections
             .iter()
-            .filter(|c| c.outbound.push(frame.clone()).is_ok())
+            .filter(|c| push_shared(c, frame))
             .count()
     }
 
@@ -295,4 +293,11 @@ impl Hub {
                 .collect()
         })
     }
+}
+
+/// Queues the right variant of a shared frame (plain or compressed) to one connection.
+fn push_shared(conn: &Connection, frame: &SharedFrame) -> bool {
+    conn.outbound
+        .push(frame.for_recipient(conn.deflate))
+        .is_ok()
 }

@@ -2,16 +2,68 @@
 //!
 //! A [`Publication`] (topic message) and a direct message are serialized exactly once into a
 //! complete WebSocket text frame; fan-out then queues clones of the same `Bytes` (a reference
-//! count, no copy) to every recipient.
+//! count, no copy) to every recipient. A [`SharedFrame`] also holds the permessage-deflate
+//! version of the frame, compressed at most once, and only when a recipient negotiated it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::protocol::envelope::{next_message_id, now_rfc3339};
-use crate::ws::frame;
+use crate::ws::{deflate, frame};
+
+/// How compressed frames are made (from the node's compression settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeflateParams {
+    pub level: u32,
+    /// Payloads shorter than this go out uncompressed even to clients that negotiated deflate.
+    pub threshold: usize,
+}
+
+/// One message's frame bytes for every recipient: the plain frame, and the compressed frame
+/// made on first demand.
+#[derive(Debug, Clone)]
+pub struct SharedFrame {
+    plain: Bytes,
+    compressed: Arc<OnceLock<Bytes>>,
+}
+
+impl SharedFrame {
+    pub fn new(plain: Bytes) -> Self {
+        SharedFrame {
+            plain,
+            compressed: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The plain frame.
+    pub fn plain(&self) -> &Bytes {
+        &self.plain
+    }
+
+    /// The frame for one recipient: compressed when it negotiated deflate (`Some`) and the
+    /// payload is worth it, plain otherwise. Either way a reference count, not a copy.
+    pub fn for_recipient(&self, deflate: Option<DeflateParams>) -> Bytes {
+        let Some(params) = deflate else {
+            return self.plain.clone();
+        };
+        self.compressed
+            .get_or_init(|| {
+                let payload = frame::payload_of(&self.plain);
+                if payload.len() < params.threshold {
+                    return self.plain.clone();
+                }
+                let compressed = deflate::compress(payload, params.level);
+                if compressed.len() >= payload.len() {
+                    return self.plain.clone();
+                }
+                frame::compressed(frame::OpCode::Text, &compressed)
+            })
+            .clone()
+    }
+}
 
 /// A topic message ready for fan-out.
 #[derive(Debug, Clone)]
@@ -23,8 +75,8 @@ pub struct Publication {
     pub epoch: Option<Arc<str>>,
     /// The publisher's `data` as JSON text, kept for subscription filters.
     pub data: Bytes,
-    /// The complete text frame every subscriber receives.
-    pub frame: Bytes,
+    /// The complete text frame every subscriber receives (plain and compressed).
+    pub frame: SharedFrame,
 }
 
 #[derive(Serialize)]
@@ -74,7 +126,7 @@ impl Publication {
             seq: sequence.map(|(seq, _)| seq),
             epoch: sequence.map(|(_, epoch)| Arc::from(epoch)),
             data: Bytes::copy_from_slice(data.get().as_bytes()),
-            frame,
+            frame: SharedFrame::new(frame),
         }
     }
 
@@ -114,10 +166,10 @@ struct DirectWire<'a> {
 
 impl DirectMessage<'_> {
     /// Encodes `{type, id, timestamp, from, to, data[, content]}` into its frame, once.
-    pub fn encode(&self) -> Bytes {
+    pub fn encode(&self) -> SharedFrame {
         let id = next_message_id();
         let timestamp = now_rfc3339();
-        frame::json_text(&DirectWire {
+        SharedFrame::new(frame::json_text(&DirectWire {
             kind: self.kind,
             id: &id,
             timestamp: &timestamp,
@@ -125,7 +177,7 @@ impl DirectMessage<'_> {
             to: self.to,
             data: self.data,
             content: self.as_content.then_some(self.data),
-        })
+        }))
     }
 }
 
@@ -146,7 +198,7 @@ mod tests {
     fn publication_frame_carries_the_envelope() {
         let data = RawValue::from_string(r#"{"status":"ACTIVE"}"#.into()).expect("json");
         let p = Publication::encode("routes", "route_update", 7, "e1", &data);
-        let v = payload(&p.frame);
+        let v = payload(p.frame.plain());
         assert_eq!(v["type"], "route_update");
         assert_eq!(v["topic"], "routes");
         assert_eq!(v["seq"], 7);
@@ -156,9 +208,43 @@ mod tests {
     }
 
     #[test]
+    fn compressed_once_and_only_above_the_threshold() {
+        let big = format!("{{\"text\":\"{}\"}}", "abc".repeat(200));
+        let data = RawValue::from_string(big).expect("json");
+        let p = Publication::encode("t", "k", 1, "e", &data);
+        let params = DeflateParams {
+            level: 1,
+            threshold: 100,
+        };
+        let a = p.frame.for_recipient(Some(params));
+        let b = p.frame.for_recipient(Some(params));
+        assert_eq!(a[0], 0xC1, "FIN + RSV1 + text");
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one compressed frame shared by all");
+        assert!(a.len() < p.frame.plain().len());
+        let inflated =
+            crate::ws::deflate::inflate(frame::payload_of(&a), 10_000).expect("inflates");
+        assert_eq!(inflated, frame::payload_of(p.frame.plain()));
+        assert_eq!(
+            p.frame.for_recipient(None).as_ptr(),
+            p.frame.plain().as_ptr()
+        );
+
+        let small = RawValue::from_string("1".into()).expect("json");
+        let p = Publication::encode("t", "k", 1, "e", &small);
+        assert_eq!(
+            p.frame.for_recipient(Some(params)).as_ptr(),
+            p.frame.plain().as_ptr()
+        );
+    }
+
+    #[test]
     fn unsequenced_publication_has_no_seq_or_epoch() {
         let data = RawValue::from_string("1".into()).expect("json");
-        let v = payload(&Publication::encode_unsequenced("t", "k", &data).frame);
+        let v = payload(
+            Publication::encode_unsequenced("t", "k", &data)
+                .frame
+                .plain(),
+        );
         assert!(v.get("seq").is_none() && v.get("epoch").is_none(), "{v}");
         assert_eq!(v["data"], 1);
     }
@@ -174,7 +260,7 @@ mod tests {
             as_content: true,
         }
         .encode();
-        let v = payload(&f);
+        let v = payload(f.plain());
         assert_eq!(
             (v["from"].as_str(), v["to"].as_str()),
             (Some("u1"), Some("u2"))

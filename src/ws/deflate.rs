@@ -13,7 +13,8 @@ use std::cell::RefCell;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// The response parameters for an accepted offer.
-pub const RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+pub const RESPONSE: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
 /// The deflate window the server compresses with and inflates with.
 const WINDOW_BITS: u8 = 15;
@@ -50,7 +51,10 @@ fn acceptable(offer: &str) -> bool {
             return false;
         }
         let (name, value) = match param.split_once('=') {
-            Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().trim_matches('"'))),
+            Some((n, v)) => (
+                n.trim().to_ascii_lowercase(),
+                Some(v.trim().trim_matches('"')),
+            ),
             None => (param.to_ascii_lowercase(), None),
         };
         if seen.contains(&name) {
@@ -92,7 +96,8 @@ pub fn compress(payload: &[u8], level: u32) -> Vec<u8> {
         let compressor = match &mut *slot {
             Some((l, c)) if *l == level => c,
             other => {
-                let fresh = Compress::new_with_window_bits(Compression::new(level), false, WINDOW_BITS);
+                let fresh =
+                    Compress::new_with_window_bits(Compression::new(level), false, WINDOW_BITS);
                 &mut other.insert((level, fresh)).1
             }
         };
@@ -190,7 +195,10 @@ mod tests {
         assert_eq!(negotiate([header]), Some(RESPONSE));
         // Offers may also come as separate header values.
         assert_eq!(
-            negotiate(["x-webkit-deflate-frame", "permessage-deflate; client_max_window_bits"]),
+            negotiate([
+                "x-webkit-deflate-frame",
+                "permessage-deflate; client_max_window_bits"
+            ]),
             Some(RESPONSE)
         );
     }
@@ -238,6 +246,9 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        assert_eq!(inflate(&[0xff, 0xff, 0xff, 0x00, 0x12], 1000), Err(InflateError::Corrupt));
+        assert_eq!(
+            inflate(&[0xff, 0xff, 0xff, 0x00, 0x12], 1000),
+            Err(InflateError::Corrupt)
+        );
     }
 }

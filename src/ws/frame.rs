@@ -57,10 +57,18 @@ impl FrameBuf {
     }
 
     /// Seals the buffer into one final frame of `opcode`.
-    pub fn finish(mut self, opcode: OpCode) -> Bytes {
+    pub fn finish(self, opcode: OpCode) -> Bytes {
+        self.seal(opcode, false)
+    }
+
+    /// Seals the buffer into one final frame, with RSV1 set when the payload is compressed.
+    fn seal(mut self, opcode: OpCode, rsv1: bool) -> Bytes {
         let payload_len = self.buf.len() - MAX_HEADER_LEN;
         let mut header = [0u8; MAX_HEADER_LEN];
         let header_len = write_header(&mut header, opcode, payload_len);
+        if rsv1 {
+            header[0] |= 0x40;
+        }
         let start = MAX_HEADER_LEN - header_len;
         self.buf[start..MAX_HEADER_LEN].copy_from_slice(&header[..header_len]);
         self.buf.freeze().slice(start..)
@@ -93,6 +101,24 @@ pub fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> Bytes {
         tracing::error!(error = %e, "serializing an outbound message failed");
     }
     buf.finish(OpCode::Text)
+}
+
+/// A final frame with RSV1 set (permessage-deflate) carrying an already compressed payload.
+pub fn compressed(opcode: OpCode, deflated: &[u8]) -> Bytes {
+    let mut buf = FrameBuf::with_capacity(deflated.len());
+    buf.buf.extend_from_slice(deflated);
+    buf.seal(opcode, true)
+}
+
+/// The payload of a complete unmasked frame built by this module.
+pub fn payload_of(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(header..).unwrap_or(&[])
 }
 
 /// A close frame with a status code and a reason (truncated to fit the 125-byte control limit).

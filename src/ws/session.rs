@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::guard::{FrameGuard, GuardError};
 use super::writer::{self, Outbound};
 use crate::broker::{Direct, Recipient, TopicMessage, UpstreamMessage};
-use crate::hub::{ConnId, Connection};
+use crate::hub::{ConnId, Connection, DeflateParams};
 use crate::limits::{Slot, TokenBucket};
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
@@ -45,6 +45,8 @@ pub struct SessionStart {
     pub identity: Identity,
     /// Topics from the `subscriptions` query parameter.
     pub initial_topics: Vec<String>,
+    /// permessage-deflate, when the upgrade negotiated it.
+    pub deflate: Option<DeflateParams>,
     /// The node's admission: a held slot, or why the connection is refused. A refused connection
     /// still completes the upgrade so that browsers, which cannot read an HTTP error body, get
     /// the reason as an `error` message and a close code.
@@ -127,6 +129,7 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         user_id: start.identity.user_id.as_deref().map(Arc::from),
         outbound: Arc::clone(&outbound),
         connected_at: SystemTime::now(),
+        deflate: start.deflate,
     });
     if ctx.hub.register(Arc::clone(&conn)) {
         if let Some(user) = &conn.user_id {
@@ -153,6 +156,7 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     let reader = FrameGuard::new(
         Cursor::new(start.read_ahead).chain(read_half),
         settings.max_message_size,
+        start.deflate.is_some(),
     );
     let exit = session.read_loop(reader, &mut writer).await;
 
@@ -688,6 +692,11 @@ fn exit_for(e: WebSocketError) -> Exit {
                 CloseCode::MessageTooBig,
                 format!("message over the {max}-byte limit"),
                 Some(ErrorCode::MessageTooLarge),
+            ),
+            Some(GuardError::BadCompressedData) => Exit::Close(
+                CloseCode::InvalidPayload,
+                GuardError::BadCompressedData.to_string(),
+                None,
             ),
             Some(refused) => protocol_error(&refused.to_string()),
             None => Exit::Gone,

@@ -9,14 +9,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ORIGIN};
+use hyper::header::{HeaderValue, ORIGIN, SEC_WEBSOCKET_EXTENSIONS};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::deflate;
 use super::session::{self, Identity, Refused, SessionStart};
 use crate::auth;
 use crate::http::{json_error, Body};
+use crate::hub::DeflateParams;
 use crate::limits::Slot;
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
@@ -61,10 +63,17 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
         client_id: params.client_id.unwrap_or_else(generated_client_id),
         user_id,
     };
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let deflate = negotiate_deflate(&ctx, &req);
+    let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => return json_error(ErrorCode::InvalidOperation, format!("bad upgrade: {e}")),
     };
+    if deflate.is_some() {
+        response.headers_mut().insert(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(deflate::RESPONSE),
+        );
+    }
 
     let initial_topics = params.subscriptions;
     tokio::spawn(async move {
@@ -98,6 +107,7 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
                 read_ahead: parts.read_buf,
                 identity,
                 initial_topics,
+                deflate,
                 admission,
             },
         )
@@ -121,6 +131,24 @@ async fn admit(ctx: &NodeContext) -> Result<Slot, Refused> {
         error: ErrorCode::TooManyConnections,
         close: CloseCode::TryAgainLater,
         message: "the server is at its connection limit; retry later".into(),
+    })
+}
+
+/// permessage-deflate parameters when the config allows it and the client offered it in a form
+/// the server can honour.
+fn negotiate_deflate<B>(ctx: &NodeContext, req: &Request<B>) -> Option<DeflateParams> {
+    let compression = &ctx.settings.compression;
+    if !compression.enabled {
+        return None;
+    }
+    let offers = req
+        .headers()
+        .get_all(SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    deflate::negotiate(offers).map(|_| DeflateParams {
+        level: compression.level,
+        threshold: compression.threshold,
     })
 }
 

@@ -71,10 +71,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::Pool;
 use redis::Script;
 use tokio::sync::Mutex;
 
+use super::commands::{Commands, CommandsError};
 use super::keys::ADMISSION_KEY;
 use crate::limits::ConnectionSlots;
 
@@ -168,9 +168,18 @@ pub enum AdmissionError {
     Unavailable(Duration),
 }
 
+impl From<CommandsError> for AdmissionError {
+    fn from(e: CommandsError) -> Self {
+        match e {
+            CommandsError::Pool(e) => AdmissionError::Pool(e),
+            CommandsError::Redis(e) => AdmissionError::Redis(e),
+        }
+    }
+}
+
 /// This node's share of the cluster connection budget; see the module doc.
 pub struct ClusterAdmission {
-    pool: Pool,
+    commands: Commands,
     config: AdmissionConfig,
     slots: Arc<ConnectionSlots>,
     script: Script,
@@ -209,7 +218,12 @@ impl ClusterAdmission {
     /// (`ConnectionSlots::with_limit(max, 0)`): the node admits nothing it has not reserved.
     /// Call [`reserve_block`](Self::reserve_block) once at start-up to have a first block ready
     /// and [`spawn_maintenance`](Self::spawn_maintenance) to keep the lease.
-    pub fn new(pool: Pool, mut config: AdmissionConfig, slots: Arc<ConnectionSlots>) -> Arc<Self> {
+    /// `commands`: the instance (or cluster) holding [`ADMISSION_KEY`]; a deadpool pool converts.
+    pub fn new(
+        commands: impl Into<Commands>,
+        mut config: AdmissionConfig,
+        slots: Arc<ConnectionSlots>,
+    ) -> Arc<Self> {
         config.block = config.block.max(1);
         if config.lease_ttl < Duration::from_millis(30) {
             config.lease_ttl = Duration::from_millis(30);
@@ -217,7 +231,7 @@ impl ClusterAdmission {
         let op_timeout =
             (config.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
         Arc::new(ClusterAdmission {
-            pool,
+            commands: commands.into(),
             config,
             slots,
             script: Script::new(RESERVE_SCRIPT),
@@ -291,20 +305,27 @@ impl ClusterAdmission {
 
     /// Renews this node's lease, gives back surplus (when `limit - live >= 2 * block`, down to
     /// `live + block`), and re-reserves to cover live connections if the lease expired. Called
-    /// by the maintenance loop every `lease_ttl / 3`. On error the limit is unchanged.
+    /// by the maintenance loop every `lease_ttl / 3`. On error the limit is unchanged (or, when
+    /// giving back surplus, stays at the lowered `live + block`, which Redis still covers).
     pub async fn tick(&self) -> Result<(), AdmissionError> {
         let _op = self.op.lock().await;
         if self.closed.load(Ordering::Acquire) {
             return Ok(());
         }
         let limit = self.slots.limit();
-        let live = self.slots.live();
         let block = self.config.block;
-        let want = if limit >= live.saturating_add(block.saturating_mul(2)) {
-            live + block
+        let want = if limit >= self.slots.live().saturating_add(block.saturating_mul(2)) {
+            // Giving back surplus: lower the local limit first, so that connects admitted
+            // while the script runs cannot end up beyond the smaller reservation (the slots
+            // given back would go to other nodes while these connections hold them); then
+            // count again, keeping whatever was admitted meanwhile.
+            let target = self.slots.live() + block;
+            self.slots.set_limit(target);
+            target.max(self.slots.live())
         } else {
-            limit.max(live)
+            limit.max(self.slots.live())
         };
+        let live = self.slots.live();
         let grant = self.run(want).await?;
         self.apply(limit, grant);
         if grant.granted < limit && grant.previous.is_some() {
@@ -358,7 +379,7 @@ impl ClusterAdmission {
         let node = self.config.node_id.clone();
         let released = self
             .with_timeout(async {
-                let mut conn = self.pool.get().await?;
+                let mut conn = self.commands.get().await?;
                 let _: i64 = redis::cmd("HDEL")
                     .arg(ADMISSION_KEY)
                     .arg(&node)
@@ -382,7 +403,7 @@ impl ClusterAdmission {
     /// The live reservations of every node (by Redis time), sorted by node id.
     pub async fn reservations(&self) -> Result<Vec<(String, usize)>, AdmissionError> {
         self.with_timeout(async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.commands.get().await?;
             let ((secs, micros), fields): ((u64, u64), Vec<(String, String)>) = redis::pipe()
                 .cmd("TIME")
                 .cmd("HGETALL")
@@ -420,7 +441,7 @@ impl ClusterAdmission {
         let ttl_ms = u64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let result = self
             .with_timeout(async {
-                let mut conn = self.pool.get().await?;
+                let mut conn = self.commands.get().await?;
                 let (granted, previous, others): (i64, i64, i64) = self
                     .script
                     .key(ADMISSION_KEY)

@@ -10,6 +10,11 @@
 //!   instance. With several URLs, topics and users are spread over the instances by jump hash
 //!   (`shard`); the broadcast, control, node, registry, admission and upstream names live on
 //!   the first instance.
+//! - With `redis.cluster`, the URLs are seed nodes of one Redis Cluster: a single logical shard
+//!   whose commands go through one cluster connection (`commands`), published with `SPUBLISH`
+//!   (the publish script too) and received with `SSUBSCRIBE` (sharded pub/sub: a channel lives
+//!   on the master owning its slot). Topic and user names are hash-tagged (`keys`), so a topic's
+//!   channel, sequence and epoch share a slot and one script can touch them all.
 //!
 //! While Redis is unreachable, local connections stay up, `is_ready` is false (`/readyz` 503),
 //! and publishing answers `UNAVAILABLE` instead of accepting what it cannot deliver.
@@ -17,13 +22,14 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use deadpool_redis::{Pool, Runtime};
+use deadpool_redis::Runtime;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::admission::{AdmissionConfig, ClusterAdmission};
+use super::commands::Commands;
 use super::inbound;
 use super::keys;
 use super::presence::{Presence, PresenceConfig, PresenceEntry, PresenceError};
@@ -56,9 +62,10 @@ redis.call(ARGV[3], KEYS[3], '{"seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .
 return {seq, epoch}
 "#;
 
-/// One Redis instance: a command pool and this node's subscription connection to it.
+/// One Redis instance (or the whole cluster): where commands go and this node's subscription
+/// connection to it.
 struct Shard {
-    pool: Pool,
+    commands: Commands,
     subscriber: Subscriber,
 }
 
@@ -76,6 +83,8 @@ pub struct RedisBroker {
     node_id: String,
     shards: Vec<Shard>,
     publish_script: redis::Script,
+    /// `PUBLISH`, or `SPUBLISH` on Redis Cluster.
+    publish_command: &'static str,
     presence: Arc<Presence>,
     presence_ops: mpsc::UnboundedSender<PresenceOp>,
     admission: Arc<ClusterAdmission>,
@@ -108,25 +117,46 @@ impl RedisBroker {
         slots: Arc<ConnectionSlots>,
     ) -> Result<Self, BrokerError> {
         let node_id = settings.node_id.clone();
-        let mut shards = Vec::with_capacity(settings.redis_urls.len());
-        for url in &settings.redis_urls {
-            let pool = deadpool_redis::Config::from_url(url.as_str())
-                .create_pool(Some(Runtime::Tokio1))
-                .map_err(|e| BrokerError::Unavailable(format!("redis pool for {url}: {e}")))?;
+        let handler = || {
             let hub = Arc::clone(&hub);
-            let handler = Arc::new(move |channel: &str, payload: &[u8]| {
+            Arc::new(move |channel: &str, payload: &[u8]| {
                 if let Err(e) = inbound::dispatch(&hub, channel, payload) {
                     tracing::warn!(channel, error = %e, "dropped a message from redis");
                 }
+            })
+        };
+        let cluster = settings.redis.cluster;
+        let mut shards = Vec::with_capacity(settings.redis_urls.len());
+        if cluster && !settings.redis_urls.is_empty() {
+            let commands = Commands::cluster(&settings.redis_urls)
+                .map_err(|e| BrokerError::Unavailable(format!("redis cluster client: {e}")))?;
+            let subscriber = Subscriber::start(
+                SubscriberConfig {
+                    linger: settings.redis.linger,
+                    ..SubscriberConfig::cluster(settings.redis_urls.clone())
+                },
+                handler(),
+            );
+            shards.push(Shard {
+                commands,
+                subscriber,
             });
+        }
+        for url in settings.redis_urls.iter().filter(|_| !cluster) {
+            let pool = deadpool_redis::Config::from_url(url.as_str())
+                .create_pool(Some(Runtime::Tokio1))
+                .map_err(|e| BrokerError::Unavailable(format!("redis pool for {url}: {e}")))?;
             let subscriber = Subscriber::start(
                 SubscriberConfig {
                     linger: settings.redis.linger,
                     ..SubscriberConfig::new(url.as_str())
                 },
-                handler,
+                handler(),
             );
-            shards.push(Shard { pool, subscriber });
+            shards.push(Shard {
+                commands: pool.into(),
+                subscriber,
+            });
         }
         let Some(first) = shards.first() else {
             return Err(BrokerError::Unavailable("no redis URL configured".into()));
@@ -140,7 +170,7 @@ impl RedisBroker {
         }
 
         let admission = ClusterAdmission::new(
-            first.pool.clone(),
+            first.commands.clone(),
             AdmissionConfig {
                 block: settings.redis.admission_block,
                 lease_ttl: settings.redis.lease_ttl,
@@ -149,7 +179,7 @@ impl RedisBroker {
             slots,
         );
         let presence = Arc::new(Presence::new(
-            shards.iter().map(|s| s.pool.clone()).collect(),
+            shards.iter().map(|s| s.commands.clone()).collect(),
             PresenceConfig {
                 ttl: settings.redis.lease_ttl,
                 ..PresenceConfig::new(node_id.as_str())
@@ -176,6 +206,7 @@ impl RedisBroker {
             node_id,
             shards,
             publish_script: redis::Script::new(PUBLISH_SCRIPT),
+            publish_command: if cluster { "SPUBLISH" } else { "PUBLISH" },
             presence,
             presence_ops,
             admission,
@@ -197,8 +228,8 @@ impl RedisBroker {
         channel: &str,
         payload: String,
     ) -> Result<usize, BrokerError> {
-        let mut conn = shard.pool.get().await.map_err(unavailable)?;
-        let receivers: usize = redis::cmd("PUBLISH")
+        let mut conn = shard.commands.get().await.map_err(unavailable)?;
+        let receivers: usize = redis::cmd(self.publish_command)
             .arg(channel)
             .arg(payload)
             .query_async(&mut conn)
@@ -262,7 +293,7 @@ impl Broker for RedisBroker {
         .map_err(|e| BrokerError::Unavailable(format!("encoding: {e}")))?;
         let fields = spec.strip_prefix('{').unwrap_or(&spec);
         let shard = self.shard_for(&msg.topic);
-        let mut conn = shard.pool.get().await.map_err(unavailable)?;
+        let mut conn = shard.commands.get().await.map_err(unavailable)?;
         let (seq, epoch): (u64, String) = self
             .publish_script
             .key(keys::topic_seq_key(&msg.topic))
@@ -270,7 +301,7 @@ impl Broker for RedisBroker {
             .key(keys::topic_channel(&msg.topic))
             .arg(fields)
             .arg(format!("{:08x}", rand::random::<u32>()))
-            .arg("PUBLISH")
+            .arg(self.publish_command)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -333,7 +364,7 @@ impl Broker for RedisBroker {
     }
 
     async fn forward_upstream(&self, msg: UpstreamMessage) -> Result<(), BrokerError> {
-        let mut conn = self.first().pool.get().await.map_err(unavailable)?;
+        let mut conn = self.first().commands.get().await.map_err(unavailable)?;
         let _: String = redis::cmd("XADD")
             .arg(keys::UPSTREAM_STREAM)
             .arg("MAXLEN")

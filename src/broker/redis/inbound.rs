@@ -48,19 +48,17 @@ struct DirectSpec<'a> {
     connection_id: Option<ConnId>,
 }
 
+/// A control message: `op` says what it is. `{"op":"send",...}` is read again as a
+/// [`DirectSpec`] (an internally tagged enum cannot hold the borrowed `RawValue` payload: serde
+/// buffers its content, and `RawValue` only deserializes straight from JSON text).
 #[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-enum ControlSpec<'a> {
-    Disconnect {
-        #[serde(rename = "userId", default)]
-        user_id: Option<String>,
-        #[serde(rename = "clientId", default)]
-        client_id: Option<String>,
-    },
-    Send {
-        #[serde(flatten, borrow)]
-        message: DirectSpec<'a>,
-    },
+struct ControlSpec<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(rename = "userId", default)]
+    user_id: Option<String>,
+    #[serde(rename = "clientId", default)]
+    client_id: Option<String>,
 }
 
 /// Why a payload from Redis was dropped.
@@ -104,17 +102,21 @@ pub fn dispatch(hub: &Hub, channel: &str, payload: &[u8]) -> Result<usize, Inbou
             let spec: DirectSpec<'_> = serde_json::from_slice(payload)?;
             to_connection(hub, spec)
         }
-        ChannelKind::Control => match serde_json::from_slice::<ControlSpec<'_>>(payload)? {
-            ControlSpec::Disconnect { user_id, client_id } => {
-                let target = match (user_id, client_id) {
-                    (Some(user), _) => DisconnectTarget::User(user),
-                    (None, Some(client)) => DisconnectTarget::Client(client),
-                    (None, None) => return Err(InboundError::Missing("userId or clientId")),
-                };
-                Ok(disconnect_local(hub, &target))
+        ChannelKind::Control => {
+            let control: ControlSpec<'_> = serde_json::from_slice(payload)?;
+            match &*control.op {
+                "disconnect" => {
+                    let target = match (control.user_id, control.client_id) {
+                        (Some(user), _) => DisconnectTarget::User(user),
+                        (None, Some(client)) => DisconnectTarget::Client(client),
+                        (None, None) => return Err(InboundError::Missing("userId or clientId")),
+                    };
+                    Ok(disconnect_local(hub, &target))
+                }
+                "send" => to_connection(hub, serde_json::from_slice(payload)?),
+                _ => Err(InboundError::Missing("an op of \"disconnect\" or \"send\"")),
             }
-            ControlSpec::Send { message } => to_connection(hub, message),
-        },
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod broker;
+pub mod commands;
 pub mod inbound;
 pub mod keys;
 pub mod presence;

@@ -17,7 +17,10 @@
 //!   `{"connectionId","node","clientId","userId"}`. [`Presence::topic_presence`] lists the
 //!   entries of live nodes and removes those of dead ones.
 //!
-//! Every command touches one key, so this works on independent shards and on Redis Cluster.
+//! Every command touches one key, so this works on independent shards and on Redis Cluster;
+//! batches of commands on several keys (resync, deregister, the user sets) go through
+//! [`query_each`]: one pipeline on an instance, one per hash slot on a cluster (a pipeline
+//! spanning slots fails there with `CROSSSLOT`).
 //!
 //! # Losing Redis
 //!
@@ -38,11 +41,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
 use parking_lot::Mutex;
 use redis::Script;
 use tokio::sync::RwLock;
 
+use super::commands::{query_each, Commands, CommandsError};
 use super::keys::{node_users_key, topic_presence_key, NODES_KEY};
 use super::shard::shard_of;
 
@@ -153,6 +156,15 @@ pub enum PresenceError {
     Json(#[from] serde_json::Error),
 }
 
+impl From<CommandsError> for PresenceError {
+    fn from(e: CommandsError) -> Self {
+        match e {
+            CommandsError::Pool(e) => PresenceError::Pool(e),
+            CommandsError::Redis(e) => PresenceError::Redis(e),
+        }
+    }
+}
+
 /// The registry value as stored (without the id, which is the field).
 #[derive(serde::Deserialize)]
 struct RegistryValue {
@@ -163,6 +175,9 @@ struct RegistryValue {
     #[serde(rename = "heartbeatAt")]
     heartbeat_at: u64,
 }
+
+/// Single-key commands (key, command) to run, by shard.
+type PerShard = HashMap<usize, Vec<(String, redis::Cmd)>>;
 
 /// What this node wrote, to write it again after Redis lost it.
 #[derive(Default)]
@@ -176,7 +191,7 @@ struct LocalState {
 
 /// This node's view of cluster presence; see the module doc.
 pub struct Presence {
-    pools: Vec<Pool>,
+    shards: Vec<Commands>,
     config: PresenceConfig,
     nodes_script: Script,
     heartbeat_script: Script,
@@ -194,20 +209,21 @@ impl std::fmt::Debug for Presence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Presence")
             .field("config", &self.config)
-            .field("shards", &self.pools.len())
+            .field("shards", &self.shards.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Presence {
-    /// `pools`: one per Redis shard, in shard order (shard 0 holds the registry and user sets).
-    pub fn new(pools: Vec<Pool>, mut config: PresenceConfig) -> Self {
+    /// `shards`: one per Redis shard, in shard order (shard 0 holds the registry and user sets);
+    /// a single [`Commands::Cluster`] for Redis Cluster. Deadpool pools convert.
+    pub fn new<C: Into<Commands>>(shards: Vec<C>, mut config: PresenceConfig) -> Self {
         if config.ttl < Duration::from_millis(30) {
             config.ttl = Duration::from_millis(30);
         }
         let op_timeout = (config.ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
         Presence {
-            pools,
+            shards: shards.into_iter().map(Into::into).collect(),
             config,
             nodes_script: Script::new(LIVE_NODES_SCRIPT),
             heartbeat_script: Script::new(HEARTBEAT_SCRIPT),
@@ -227,12 +243,12 @@ impl Presence {
         u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn pool(&self, shard: usize) -> Result<&Pool, PresenceError> {
-        self.pools.get(shard).ok_or(PresenceError::NoShards)
+    fn pool(&self, shard: usize) -> Result<&Commands, PresenceError> {
+        self.shards.get(shard).ok_or(PresenceError::NoShards)
     }
 
-    fn topic_pool(&self, topic: &str) -> Result<&Pool, PresenceError> {
-        self.pool(shard_of(topic, self.pools.len()))
+    fn topic_pool(&self, topic: &str) -> Result<&Commands, PresenceError> {
+        self.pool(shard_of(topic, self.shards.len()))
     }
 
     fn entry_field(&self, connection_id: u64) -> String {
@@ -368,37 +384,36 @@ impl Presence {
                 let mut conn = self.pool(0)?.get().await?;
                 let () = pipe.query_async(&mut conn).await?;
 
-                let mut per_shard: HashMap<usize, redis::Pipeline> = HashMap::new();
-                let shards = self.pools.len();
+                let mut per_shard = PerShard::default();
+                let shards = self.shards.len();
                 for (topic, entries) in &topics {
                     if entries.is_empty() {
                         continue;
                     }
-                    let pipe = per_shard.entry(shard_of(topic, shards)).or_default();
+                    let key = topic_presence_key(topic);
                     let mut cmd = redis::cmd("HSET");
-                    cmd.arg(topic_presence_key(topic));
+                    cmd.arg(&key);
                     for (field, value) in entries {
                         cmd.arg(field).arg(value);
                     }
-                    pipe.add_command(cmd).ignore();
+                    per_shard
+                        .entry(shard_of(topic, shards))
+                        .or_default()
+                        .push((key, cmd));
                 }
                 for (topic, field) in &leaves {
                     let still_joined = topics.get(topic).is_some_and(|e| e.contains_key(field));
                     if !still_joined {
+                        let key = topic_presence_key(topic);
+                        let mut cmd = redis::cmd("HDEL");
+                        cmd.arg(&key).arg(field);
                         per_shard
                             .entry(shard_of(topic, shards))
                             .or_default()
-                            .cmd("HDEL")
-                            .arg(topic_presence_key(topic))
-                            .arg(field)
-                            .ignore();
+                            .push((key, cmd));
                     }
                 }
-                for (shard, pipe) in per_shard {
-                    let mut conn = self.pool(shard)?.get().await?;
-                    let () = pipe.query_async(&mut conn).await?;
-                }
-                Ok(())
+                self.run_per_shard(per_shard).await
             })
             .await;
         match result {
@@ -412,6 +427,15 @@ impl Presence {
                 Err(e)
             }
         }
+    }
+
+    /// Runs single-key commands grouped by shard (see [`query_each`]: on a cluster, per slot).
+    async fn run_per_shard(&self, per_shard: PerShard) -> Result<(), PresenceError> {
+        for (shard, cmds) in per_shard {
+            let mut conn = self.pool(shard)?.get().await?;
+            query_each(&mut conn, cmds).await?;
+        }
+        Ok(())
     }
 
     /// `user` has a connection on this node now.
@@ -578,12 +602,22 @@ impl Presence {
         }
         let sets: Vec<Vec<String>> = self
             .with_timeout(async {
-                let mut pipe = redis::pipe();
-                for node in &nodes {
-                    pipe.cmd("SMEMBERS").arg(node_users_key(&node.id));
-                }
+                let cmds = nodes
+                    .iter()
+                    .map(|node| {
+                        let key = node_users_key(&node.id);
+                        let mut cmd = redis::cmd("SMEMBERS");
+                        cmd.arg(&key);
+                        (key, cmd)
+                    })
+                    .collect();
                 let mut conn = self.pool(0)?.get().await?;
-                Ok(pipe.query_async(&mut conn).await?)
+                let replies = query_each(&mut conn, cmds).await?;
+                Ok(replies
+                    .into_iter()
+                    .map(redis::from_redis_value)
+                    .collect::<Result<Vec<Vec<String>>, _>>()
+                    .map_err(redis::RedisError::from)?)
             })
             .await?;
         let users: BTreeSet<String> = sets.into_iter().flatten().collect();
@@ -656,37 +690,32 @@ impl Presence {
         let node = &self.config.node_id;
         let result = self
             .with_timeout(async {
-                let mut conn = self.pool(0)?.get().await?;
-                let () = redis::pipe()
-                    .cmd("HDEL")
-                    .arg(NODES_KEY)
-                    .arg(node)
-                    .ignore()
-                    .cmd("DEL")
-                    .arg(node_users_key(node))
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await?;
-                let shards = self.pools.len();
-                let mut per_shard: HashMap<usize, redis::Pipeline> = HashMap::new();
+                let mut per_shard = PerShard::default();
+                let mut registry = redis::cmd("HDEL");
+                registry.arg(NODES_KEY).arg(node);
+                let users_key = node_users_key(node);
+                let mut users = redis::cmd("DEL");
+                users.arg(&users_key);
+                // Two keys in different slots: one pipeline on an instance, two on a cluster.
+                per_shard
+                    .entry(0)
+                    .or_default()
+                    .extend([(NODES_KEY.to_string(), registry), (users_key, users)]);
+                let shards = self.shards.len();
                 let fields = topics
                     .iter()
                     .flat_map(|(t, e)| e.keys().map(move |f| (t.as_str(), f.as_str())))
                     .chain(leaves.iter().map(|(t, f)| (t.as_str(), f.as_str())));
                 for (topic, field) in fields {
+                    let key = topic_presence_key(topic);
+                    let mut cmd = redis::cmd("HDEL");
+                    cmd.arg(&key).arg(field);
                     per_shard
                         .entry(shard_of(topic, shards))
                         .or_default()
-                        .cmd("HDEL")
-                        .arg(topic_presence_key(topic))
-                        .arg(field)
-                        .ignore();
+                        .push((key, cmd));
                 }
-                for (shard, pipe) in per_shard {
-                    let mut conn = self.pool(shard)?.get().await?;
-                    let () = pipe.query_async(&mut conn).await?;
-                }
-                Ok(())
+                self.run_per_shard(per_shard).await
             })
             .await;
         match &result {

@@ -1,4 +1,5 @@
-//! This node's subscription connection to ONE Redis instance.
+//! This node's subscription connection to ONE Redis instance, or to ONE Redis Cluster (sharded
+//! pub/sub; see "Redis Cluster" below).
 //!
 //! A [`Subscriber`] is a cheap handle to one actor task. The actor owns the only connection this
 //! node uses to *receive* from that instance, the set of channels the node wants, and the set the
@@ -35,6 +36,38 @@
 //!   Redis being down at start is the same state as "lost": `start` never fails. Messages
 //!   published while disconnected are lost here; callers that need them backfill from history.
 //!
+//! # Redis Cluster (sharded pub/sub)
+//!
+//! With [`SubscriberConfig::cluster_nodes`] set, the actor holds a
+//! `redis::cluster_async::ClusterConnection` (RESP3, with a push sender) instead, and uses
+//! SSUBSCRIBE/SUNSUBSCRIBE: a sharded channel lives on the master owning its slot, so a node
+//! only hears the channels it subscribed to, from the master that holds them. Everything above
+//! (the `add`/`remove` notes, batching, linger, the first connection with backoff) is shared;
+//! what differs:
+//!
+//! - **Batches per slot.** One SSUBSCRIBE may only name channels of one slot (else `CrossSlot`),
+//!   so a batch is split by hash slot (channels sharing a `{tag}` share a slot; untagged names
+//!   such as `wsgate:broadcast` hash as a whole) and the per-slot commands run concurrently.
+//! - **Losing a master is not losing the connection.** The cluster connection reconnects to a
+//!   node by itself and re-sends that node's subscriptions (and moves them when slots move), but
+//!   it does not say when that is done. So a `Disconnection` push from any node, a failed
+//!   SSUBSCRIBE/SUNSUBSCRIBE, or a failed health check marks the subscriber **not ready**
+//!   (*degraded*) and schedules, with the same jittered backoff, a probe followed by a
+//!   *resync*: SUNSUBSCRIBE what is no longer wanted and SSUBSCRIBE every wanted channel again
+//!   (idempotent). When that succeeds the subscriber is ready again and counts a reconnect.
+//!   While degraded, new `add`s wait for the resync instead of stalling on a dead master.
+//! - **Readiness means every master answers.** The health check (every 10 s, and the probe
+//!   before a resync) is not a PING: the cluster connection fans a keyless PING out to the
+//!   masters it is connected to *now*, and routes a command for a slot whose master is down to
+//!   some other node. It reads the slot map (`CLUSTER SLOTS`) and sends, per master, an
+//!   `EXISTS` of a probe key hashing into one of its slots, which only that master answers. The
+//!   probe runs in its own task, so messages from the healthy masters keep flowing meanwhile.
+//! - A server-side SUNSUBSCRIBE of a wanted channel (its slot moved) re-subscribes it in the
+//!   next batch without flipping readiness. Only a closed push channel, or
+//!   `REBUILD_AFTER_ATTEMPTS` (10) failed resyncs in a row, drop the whole cluster connection
+//!   (rebuilt from the seed nodes, like a lost single connection; the first connection too is
+//!   ready only once every master answers).
+//!
 //! The handler runs on the actor task. It may be called for a channel whose interest just ended
 //! (a message already in flight, or during linger); callers must tolerate that.
 
@@ -46,11 +79,15 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rand::Rng;
 use redis::aio::MultiplexedConnection;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
 use redis::{
     AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
     RedisError, Value,
 };
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 /// Called for every message on a subscribed channel (channel name, payload bytes). Runs on the actor task: must not block.
@@ -67,16 +104,25 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// The largest number of channels in one SUBSCRIBE/UNSUBSCRIBE command.
 pub const MAX_CHANNELS_PER_COMMAND: usize = 4096;
+/// In cluster mode, at most this many per-slot SSUBSCRIBE/SUNSUBSCRIBE commands are in flight.
+const MAX_CONCURRENT_SLOT_COMMANDS: usize = 64;
 /// At most this many pushes are handled per wake-up, so commands are never starved.
 const PUSH_BATCH: usize = 256;
 /// While Redis stays unreachable, every this many failed attempts is logged as a warning.
 const WARN_EVERY_ATTEMPTS: u32 = 20;
+/// Cluster mode: after this many failed resyncs the cluster connection is dropped and rebuilt
+/// from the seed nodes (with max_backoff 5 s: after about half a minute).
+const REBUILD_AFTER_ATTEMPTS: u32 = 10;
 
 /// Where and how to subscribe.
 #[derive(Debug, Clone)]
 pub struct SubscriberConfig {
-    /// `redis://[user:pass@]host:port[/db]`; RESP3 is forced whatever the URL says.
+    /// `redis://[user:pass@]host:port[/db]`; RESP3 is forced whatever the URL says. Unused in
+    /// cluster mode.
     pub url: String,
+    /// Seed nodes of ONE Redis Cluster (`redis://host:port` each). When not empty, the subscriber
+    /// uses sharded pub/sub (SSUBSCRIBE) through a cluster connection; see the module doc.
+    pub cluster_nodes: Vec<String>,
     /// How long a channel stays subscribed after its interest ended.
     pub linger: Duration,
     /// The longest reconnect delay (before jitter).
@@ -91,12 +137,36 @@ impl SubscriberConfig {
             ..SubscriberConfig::default()
         }
     }
+
+    /// A config for the Redis Cluster that `seeds` belong to (sharded pub/sub), with the default
+    /// linger and max backoff.
+    pub fn cluster(seeds: Vec<String>) -> SubscriberConfig {
+        SubscriberConfig {
+            cluster_nodes: seeds,
+            ..SubscriberConfig::default()
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    /// Where this subscribes, without passwords, for logs.
+    fn target(&self) -> String {
+        if self.is_cluster() {
+            let seeds: Vec<String> = self.cluster_nodes.iter().map(|u| redact(u)).collect();
+            format!("cluster[{}]", seeds.join(","))
+        } else {
+            redact(&self.url)
+        }
+    }
 }
 
 impl Default for SubscriberConfig {
     fn default() -> Self {
         SubscriberConfig {
             url: "redis://127.0.0.1:6379".to_string(),
+            cluster_nodes: Vec::new(),
             linger: Duration::from_secs(2),
             max_backoff: Duration::from_secs(5),
         }
@@ -163,6 +233,9 @@ impl Subscriber {
             failed_attempts: 0,
             lost_at: None,
             ever_connected: false,
+            degraded: false,
+            resync_at: None,
+            probe: None,
         };
         tokio::spawn(actor.run(shutdown_rx));
         Subscriber {
@@ -221,9 +294,203 @@ impl Subscriber {
     }
 }
 
+/// The subscription connection: one instance (SUBSCRIBE) or one cluster (SSUBSCRIBE).
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Subscribes `channels`, waiting for every confirmation.
+    async fn subscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
+        match self {
+            Conn::Single(conn) => {
+                for chunk in channels.chunks(MAX_CHANNELS_PER_COMMAND) {
+                    conn.subscribe(chunk).await?;
+                }
+                Ok(())
+            }
+            Conn::Cluster(conn) => per_slot(conn, channels, true).await,
+        }
+    }
+
+    /// Unsubscribes `channels`, waiting for every confirmation.
+    async fn unsubscribe(&mut self, channels: &[String]) -> Result<(), RedisError> {
+        match self {
+            Conn::Single(conn) => {
+                for chunk in channels.chunks(MAX_CHANNELS_PER_COMMAND) {
+                    conn.unsubscribe(chunk).await?;
+                }
+                Ok(())
+            }
+            Conn::Cluster(conn) => per_slot(conn, channels, false).await,
+        }
+    }
+}
+
+/// The cluster health check: succeeds only when every master answers. A keyless PING will not
+/// do: the cluster connection sends it to the connected masters only, and a command routed to a
+/// slot whose master is unreachable may be answered by another node. So this reads the slot
+/// map (`CLUSTER SLOTS`) and sends, per master, an `EXISTS` of a probe key in one of its slots:
+/// only the slot's owner answers that (others redirect to it).
+async fn probe_masters(mut conn: ClusterConnection) -> Result<(), RedisError> {
+    let slots: Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await?;
+    let ranges = master_slot_ranges(slots);
+    if ranges.is_empty() {
+        return Err(RedisError::from((
+            redis::ErrorKind::ClusterConnectionNotFound,
+            "CLUSTER SLOTS lists no slot",
+        )));
+    }
+    let mut running = tokio::task::JoinSet::new();
+    for (start, end) in ranges {
+        let Some(key) = probe_key(start, end) else {
+            continue;
+        };
+        let mut conn = conn.clone();
+        running.spawn(async move {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<Value>(&mut conn)
+                .await
+                .map(|_| ())
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        slot_command_done(done)?;
+    }
+    Ok(())
+}
+
+/// One slot range per master from a `CLUSTER SLOTS` reply (`[[start, end, [host, port, id],
+/// replicas...], ...]`); ranges whose master id is unknown count as their own master.
+fn master_slot_ranges(reply: Value) -> Vec<(u16, u16)> {
+    let Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    let mut seen = HashSet::new();
+    let mut ranges = Vec::new();
+    for item in items {
+        let Value::Array(fields) = item else { continue };
+        let (Some(Value::Int(start)), Some(Value::Int(end))) = (fields.first(), fields.get(1))
+        else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else {
+            continue;
+        };
+        let master_id = match fields.get(2) {
+            Some(Value::Array(master)) => match master.get(2) {
+                Some(Value::BulkString(id)) => Some(id.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        if master_id.is_none_or(|id| seen.insert(id)) {
+            ranges.push((start, end));
+        }
+    }
+    ranges
+}
+
+/// A key whose hash slot is in `start..=end` (`None` if the range is not a valid slot range).
+fn probe_key(start: u16, end: u16) -> Option<String> {
+    if start > end || end >= CLUSTER_SLOTS {
+        return None;
+    }
+    // A random key lands in a given single slot once in 16384 tries on average.
+    (0..1_000_000u32)
+        .map(|n| format!("wsgate:probe:{n}"))
+        .find(|key| (start..=end).contains(&key_slot(key)))
+}
+
+/// The number of hash slots of a Redis Cluster.
+const CLUSTER_SLOTS: u16 = 16384;
+
+/// The hash slot of `key` (CRC16/XMODEM of the key, or of its `{hash tag}`, mod 16384).
+fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &bytes[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(bytes);
+    let mut crc: u16 = 0;
+    for &b in hashed {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % CLUSTER_SLOTS
+}
+
+/// SSUBSCRIBE (`subscribe`) or SUNSUBSCRIBE `channels` on a cluster: one command per slot (and
+/// per [`MAX_CHANNELS_PER_COMMAND`] channels), since one naming channels of several slots fails
+/// with `CrossSlot`; at most [`MAX_CONCURRENT_SLOT_COMMANDS`] in flight.
+async fn per_slot(
+    conn: &ClusterConnection,
+    channels: &[String],
+    subscribe: bool,
+) -> Result<(), RedisError> {
+    let mut by_slot: HashMap<Slot, Vec<String>> = HashMap::new();
+    for channel in channels {
+        by_slot
+            .entry(Slot::for_key(channel.as_bytes()))
+            .or_default()
+            .push(channel.clone());
+    }
+    let mut running = tokio::task::JoinSet::new();
+    for group in by_slot.into_values() {
+        for chunk in group.chunks(MAX_CHANNELS_PER_COMMAND) {
+            if running.len() >= MAX_CONCURRENT_SLOT_COMMANDS {
+                if let Some(done) = running.join_next().await {
+                    slot_command_done(done)?;
+                }
+            }
+            let mut conn = conn.clone();
+            let chunk = chunk.to_vec();
+            running.spawn(async move {
+                if subscribe {
+                    conn.ssubscribe(chunk).await
+                } else {
+                    conn.sunsubscribe(chunk).await
+                }
+            });
+        }
+    }
+    while let Some(done) = running.join_next().await {
+        slot_command_done(done)?;
+    }
+    Ok(())
+}
+
+fn slot_command_done(
+    done: Result<Result<(), RedisError>, tokio::task::JoinError>,
+) -> Result<(), RedisError> {
+    done.map_err(|e| {
+        RedisError::from((
+            redis::ErrorKind::Client,
+            "subscription task failed",
+            e.to_string(),
+        ))
+    })?
+}
+
 /// The connection the actor currently holds.
 struct Live {
-    conn: MultiplexedConnection,
+    conn: Conn,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
     ping: tokio::time::Interval,
 }
@@ -249,6 +516,14 @@ struct Actor {
     failed_attempts: u32,
     lost_at: Option<Instant>,
     ever_connected: bool,
+    /// Cluster mode: a node went away or a command failed; not ready until a probe of every
+    /// master succeeds and everything is resubscribed.
+    degraded: bool,
+    /// Cluster mode, degraded: when to probe again.
+    resync_at: Option<Instant>,
+    /// Cluster mode: the running [`probe_masters`] (a task, so that pushes keep flowing while a
+    /// master does not answer).
+    probe: Option<JoinHandle<Result<(), RedisError>>>,
 }
 
 enum Event {
@@ -257,7 +532,17 @@ enum Event {
     LingerDue,
     Connect,
     Ping,
+    Resync,
+    ProbeDone(Result<(), RedisError>),
     Stop,
+}
+
+/// The result of the running probe (never, without one).
+async fn probe_done(probe: &mut Option<JoinHandle<Result<(), RedisError>>>) -> Event {
+    match probe {
+        Some(task) => Event::ProbeDone(slot_command_done(task.await)),
+        None => std::future::pending().await,
+    }
 }
 
 async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -279,8 +564,12 @@ async fn next_on_connection(live: &mut Option<Live>) -> Event {
 impl Actor {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let linger_due = self.linger_queue.front().map(|(at, _)| *at);
+            // Degraded, expired lingers wait for the resync (no flush meanwhile).
+            let linger_due = (!self.degraded)
+                .then(|| self.linger_queue.front().map(|(at, _)| *at))
+                .flatten();
             let disconnected = self.live.is_none();
+            let resync_at = self.resync_at.filter(|_| !disconnected);
             let event = tokio::select! {
                 biased;
                 _ = stopped(&mut shutdown) => Event::Stop,
@@ -291,6 +580,8 @@ impl Actor {
                 _ = tokio::time::sleep_until(self.next_attempt), if disconnected => Event::Connect,
                 event = next_on_connection(&mut self.live) => event,
                 _ = tokio::time::sleep_until(linger_due.unwrap_or_else(Instant::now)), if linger_due.is_some() => Event::LingerDue,
+                _ = tokio::time::sleep_until(resync_at.unwrap_or_else(Instant::now)), if resync_at.is_some() => Event::Resync,
+                event = probe_done(&mut self.probe) => event,
             };
             match event {
                 Event::Stop => break,
@@ -313,6 +604,7 @@ impl Actor {
                     }
                     continue;
                 }
+                Event::Ping if self.config.is_cluster() => self.start_probe(),
                 Event::Ping => {
                     let pinged = tokio::select! {
                         biased;
@@ -320,24 +612,51 @@ impl Actor {
                         r = self.ping() => r,
                     };
                     if let Err(e) = pinged {
-                        self.lost(&e.to_string());
+                        self.failed(&e.to_string());
+                    }
+                }
+                Event::Resync => {
+                    self.resync_at = None;
+                    self.start_probe();
+                }
+                Event::ProbeDone(result) => {
+                    self.probe = None;
+                    match result {
+                        Ok(()) if self.degraded => {
+                            let resynced = tokio::select! {
+                                biased;
+                                _ = stopped(&mut shutdown) => break,
+                                r = self.resubscribe_all() => r,
+                            };
+                            if let Err(e) = resynced {
+                                self.resync_failed(&e);
+                            }
+                        }
+                        Ok(()) => {}
+                        Err(e) if self.degraded => self.resync_failed(&e),
+                        Err(e) => self.failed(&e.to_string()),
                     }
                 }
             }
-            if self.live.is_some() {
+            // While degraded, new subscriptions wait for the resync (which subscribes everything
+            // wanted at once) rather than stall on a master that does not answer.
+            if self.live.is_some() && !self.degraded {
                 let flushed = tokio::select! {
                     biased;
                     _ = stopped(&mut shutdown) => break,
                     r = self.flush() => r,
                 };
                 if let Err(e) = flushed {
-                    self.lost(&e.to_string());
+                    self.failed(&e.to_string());
                 }
             }
         }
         self.shared.ready.store(false, Ordering::Release);
         self.shared.subscribed.lock().clear();
-        tracing::debug!(url = %redact(&self.config.url), "redis subscriber stopped");
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
+        }
+        tracing::debug!(url = %self.config.target(), "redis subscriber stopped");
     }
 
     fn apply(&mut self, cmd: Command) {
@@ -375,11 +694,16 @@ impl Actor {
                 return;
             };
             match push.kind {
-                PushKind::Message => self.deliver(push.data),
+                PushKind::Message | PushKind::SMessage => self.deliver(push.data),
                 PushKind::Disconnection => {
-                    self.lost("connection closed");
-                    return;
+                    // Single: the connection is gone. Cluster: one node's connection is; the
+                    // cluster connection repairs it and we resync.
+                    self.failed("connection closed");
+                    if self.live.is_none() {
+                        return;
+                    }
                 }
+                PushKind::SUnsubscribe => self.server_unsubscribed(push.data),
                 // Subscribe/unsubscribe confirmations are awaited by the commands themselves.
                 _ => {}
             }
@@ -404,21 +728,42 @@ impl Actor {
         }
     }
 
-    async fn connect(&mut self) -> Result<(), RedisError> {
+    /// A new connection (single or cluster) whose pushes go to the returned receiver.
+    async fn open(&self) -> Result<(Conn, mpsc::UnboundedReceiver<PushInfo>), RedisError> {
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        if self.config.is_cluster() {
+            let client =
+                ClusterClient::builder(self.config.cluster_nodes.iter().map(String::as_str))
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .push_sender(push_tx)
+                    .build()?;
+            let conn = client.get_async_connection().await?;
+            return Ok((Conn::Cluster(conn), push_rx));
+        }
         let info = self.config.url.as_str().into_connection_info()?;
         let redis_settings = info
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
         let client = Client::open(info.set_redis_settings(redis_settings))?;
-        let (push_tx, push_rx) = mpsc::unbounded_channel();
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_push_sender(push_tx);
-        let mut conn = client
+        let conn = client
             .get_multiplexed_async_connection_with_config(&conn_config)
             .await?;
+        Ok((Conn::Single(conn), push_rx))
+    }
+
+    async fn connect(&mut self) -> Result<(), RedisError> {
+        let (mut conn, push_rx) = self.open().await?;
+        if let Conn::Cluster(cluster) = &conn {
+            // Ready means every master answers, from the start.
+            probe_masters(cluster.clone()).await?;
+        }
 
         // A fresh connection has no subscriptions: everything wanted goes in one batch.
         self.server.clear();
@@ -427,9 +772,7 @@ impl Actor {
         self.lingering.clear();
         self.linger_queue.clear();
         let all: Vec<String> = self.interest.iter().cloned().collect();
-        for chunk in all.chunks(MAX_CHANNELS_PER_COMMAND) {
-            conn.subscribe(chunk).await?;
-        }
+        conn.subscribe(&all).await?;
         self.shared.subscribed.lock().extend(all.iter().cloned());
         self.server.extend(all);
 
@@ -440,9 +783,10 @@ impl Actor {
             pushes: push_rx,
             ping,
         });
+        self.resync_at = None;
         self.shared.ready.store(true, Ordering::Release);
         let channels = self.server.len();
-        let url = redact(&self.config.url);
+        let url = self.config.target();
         match self.lost_at.take() {
             Some(lost_at) => {
                 self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -471,7 +815,7 @@ impl Actor {
     fn connect_failed(&mut self, e: &RedisError) {
         self.live = None;
         self.failed_attempts += 1;
-        let url = redact(&self.config.url);
+        let url = self.config.target();
         if self.failed_attempts == 1 && !self.ever_connected {
             tracing::warn!(%url, error = %e, "redis unreachable; retrying in the background");
         } else if self.failed_attempts.is_multiple_of(WARN_EVERY_ATTEMPTS) {
@@ -483,16 +827,147 @@ impl Actor {
     }
 
     fn schedule_attempt(&mut self) {
+        self.next_attempt = self.backoff_deadline();
+    }
+
+    /// Now plus the current backoff (half of it fixed, half random), and doubles the backoff.
+    fn backoff_deadline(&mut self) -> Instant {
         let half = self.backoff / 2;
         let jitter_ms = rand::rng().random_range(0..=half.as_millis() as u64);
-        self.next_attempt = Instant::now() + half + Duration::from_millis(jitter_ms);
         self.backoff = (self.backoff * 2).min(self.config.max_backoff.max(INITIAL_BACKOFF));
+        Instant::now() + half + Duration::from_millis(jitter_ms)
+    }
+
+    /// A command failed or a connection closed: a single connection is lost; a cluster
+    /// connection repairs itself, so it is only degraded until a resync succeeds.
+    fn failed(&mut self, error: &str) {
+        if self.config.is_cluster() && self.live.is_some() {
+            self.degrade(error);
+        } else {
+            self.lost(error);
+        }
+    }
+
+    /// Cluster mode: not ready until a probe of every master (scheduled with backoff) and
+    /// [`resubscribe_all`](Self::resubscribe_all) succeed.
+    fn degrade(&mut self, error: &str) {
+        if self.degraded {
+            return;
+        }
+        self.degraded = true;
+        // A probe started before the failure proves nothing.
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
+        }
+        self.shared.ready.store(false, Ordering::Release);
+        self.lost_at = Some(Instant::now());
+        self.failed_attempts = 0;
+        self.backoff = INITIAL_BACKOFF;
+        self.resync_at = Some(self.backoff_deadline());
+        tracing::warn!(
+            url = %self.config.target(),
+            error,
+            channels = self.interest.len(),
+            "redis cluster subscriptions degraded; resubscribing once every master answers"
+        );
+    }
+
+    /// Cluster mode: starts [`probe_masters`] in a task unless one is running.
+    fn start_probe(&mut self) {
+        if self.probe.is_some() {
+            return;
+        }
+        if let Some(Live {
+            conn: Conn::Cluster(conn),
+            ..
+        }) = &self.live
+        {
+            let conn = conn.clone();
+            self.probe = Some(tokio::spawn(async move {
+                tokio::time::timeout(RESPONSE_TIMEOUT, probe_masters(conn))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RedisError::from((
+                            redis::ErrorKind::Io,
+                            "cluster probe timed out",
+                        )))
+                    })
+            }));
+        }
+    }
+
+    /// Cluster mode, after a successful probe: puts the server-side subscriptions back in line
+    /// with what is wanted (SSUBSCRIBE is idempotent), then reports ready again.
+    async fn resubscribe_all(&mut self) -> Result<(), RedisError> {
+        let Some(live) = self.live.as_mut() else {
+            return Ok(());
+        };
+        let wanted: HashSet<String> = self
+            .interest
+            .iter()
+            .chain(self.lingering.keys())
+            .cloned()
+            .collect();
+        let stale: Vec<String> = self.server.difference(&wanted).cloned().collect();
+        live.conn.unsubscribe(&stale).await?;
+        let all: Vec<String> = wanted.iter().cloned().collect();
+        live.conn.subscribe(&all).await?;
+        self.pending.clear();
+        *self.shared.subscribed.lock() = wanted.clone();
+        self.server = wanted;
+        self.degraded = false;
+        self.resync_at = None;
+        self.shared.ready.store(true, Ordering::Release);
+        self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            url = %self.config.target(),
+            resubscribed = self.server.len(),
+            attempts = self.failed_attempts + 1,
+            down_ms = self.lost_at.take().map_or(0, |at| at.elapsed().as_millis() as u64),
+            "redis cluster subscriptions restored"
+        );
+        self.failed_attempts = 0;
+        self.backoff = INITIAL_BACKOFF;
+        Ok(())
+    }
+
+    fn resync_failed(&mut self, e: &RedisError) {
+        self.failed_attempts += 1;
+        let attempts = self.failed_attempts;
+        let url = self.config.target();
+        tracing::debug!(%url, error = %e, attempts, "redis cluster resync failed");
+        if attempts >= REBUILD_AFTER_ATTEMPTS {
+            // Do not rely on the cluster connection repairing itself forever: rebuild it.
+            self.lost(&format!("still degraded after {attempts} resyncs: {e}"));
+            return;
+        }
+        self.resync_at = Some(self.backoff_deadline());
+    }
+
+    /// Cluster mode: the server dropped one of our sharded subscriptions (its slot moved). A
+    /// channel still wanted goes back into the next batch (routed to the slot's new owner).
+    fn server_unsubscribed(&mut self, data: Vec<Value>) {
+        let Some(Value::BulkString(channel)) = data.into_iter().next() else {
+            return;
+        };
+        let Ok(channel) = String::from_utf8(channel) else {
+            return;
+        };
+        if self.interest.contains(&channel) && self.server.remove(&channel) {
+            self.shared.subscribed.lock().remove(&channel);
+            self.pending.insert(channel);
+        }
     }
 
     /// The connection is gone: forget server state and schedule a reconnect.
     fn lost(&mut self, error: &str) {
         if self.live.take().is_none() {
             return;
+        }
+        self.degraded = false;
+        self.resync_at = None;
+        if let Some(probe) = self.probe.take() {
+            probe.abort();
         }
         self.shared.ready.store(false, Ordering::Release);
         self.shared.subscribed.lock().clear();
@@ -504,7 +979,7 @@ impl Actor {
         self.failed_attempts = 0;
         self.backoff = INITIAL_BACKOFF;
         tracing::warn!(
-            url = %redact(&self.config.url),
+            url = %self.config.target(),
             error,
             channels = self.interest.len(),
             "redis subscription connection lost; reconnecting"
@@ -513,10 +988,12 @@ impl Actor {
     }
 
     async fn ping(&mut self) -> Result<(), RedisError> {
-        if let Some(live) = self.live.as_mut() {
-            redis::cmd("PING")
-                .query_async::<Value>(&mut live.conn)
-                .await?;
+        if let Some(Live {
+            conn: Conn::Single(conn),
+            ..
+        }) = self.live.as_mut()
+        {
+            redis::cmd("PING").query_async::<Value>(conn).await?;
         }
         Ok(())
     }
@@ -528,11 +1005,9 @@ impl Actor {
         };
         if !self.pending.is_empty() {
             let new: Vec<String> = self.pending.drain().collect();
-            for chunk in new.chunks(MAX_CHANNELS_PER_COMMAND) {
-                live.conn.subscribe(chunk).await?;
-                self.shared.subscribed.lock().extend(chunk.iter().cloned());
-                self.server.extend(chunk.iter().cloned());
-            }
+            live.conn.subscribe(&new).await?;
+            self.shared.subscribed.lock().extend(new.iter().cloned());
+            self.server.extend(new);
         }
         let now = Instant::now();
         let mut due = Vec::new();
@@ -548,10 +1023,10 @@ impl Actor {
                 due.push(channel);
             }
         }
-        for chunk in due.chunks(MAX_CHANNELS_PER_COMMAND) {
-            live.conn.unsubscribe(chunk).await?;
+        if !due.is_empty() {
+            live.conn.unsubscribe(&due).await?;
             let mut mirror = self.shared.subscribed.lock();
-            for channel in chunk {
+            for channel in &due {
                 mirror.remove(channel);
                 self.server.remove(channel);
             }
@@ -575,6 +1050,57 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_slots_match_redis() {
+        // CLUSTER KEYSLOT reference values.
+        assert_eq!(key_slot("123456789"), 12739);
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
+        for key in [
+            "wsgate:broadcast",
+            "wsgate:t:{routes}",
+            "a{b}c",
+            "foo{}{bar}",
+            "{",
+        ] {
+            assert_eq!(
+                Slot::new(key_slot(key)),
+                Some(Slot::for_key(key.as_bytes())),
+                "{key}"
+            );
+        }
+        let key = probe_key(100, 100).expect("a key for every slot");
+        assert_eq!(key_slot(&key), 100);
+        assert_eq!(probe_key(5, 4), None);
+    }
+
+    #[test]
+    fn one_slot_range_per_master() {
+        let node = |port: i64, id: &str| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+                Value::BulkString(id.as_bytes().to_vec()),
+            ])
+        };
+        let range = |start: i64, end: i64, master: Value| {
+            Value::Array(vec![Value::Int(start), Value::Int(end), master])
+        };
+        let reply = Value::Array(vec![
+            range(0, 5460, node(7000, "m1")),
+            range(5461, 10922, node(7001, "m2")),
+            range(10923, 16000, node(7002, "m3")),
+            range(16001, 16383, node(7000, "m1")),
+            Value::Int(3),
+            range(-1, 5, node(7003, "bad")),
+        ]);
+        assert_eq!(
+            master_slot_ranges(reply),
+            vec![(0, 5460), (5461, 10922), (10923, 16000)]
+        );
+        assert!(master_slot_ranges(Value::Nil).is_empty());
+    }
 
     #[test]
     fn redact_hides_password() {
