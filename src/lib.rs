@@ -10,8 +10,8 @@
 //! - `ws::writer` drains each connection's byte-bounded queue with vectored writes.
 //!
 //! `protocol` holds the wire format (envelope, codes, filters, topic rules), `config` the
-//! settings, `auth` identity and API access, `limits` rate limiting and admission, and `node`
-//! the wiring and shutdown.
+//! settings, `auth` identity and API access, `limits` rate limiting and admission, `metrics` the
+//! Prometheus names, and `node` the wiring and shutdown.
 
 pub mod auth;
 pub mod broker;
@@ -19,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod ws;

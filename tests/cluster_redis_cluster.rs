@@ -253,6 +253,16 @@ async fn delivery_across_nodes_with_sharded_pubsub() {
         client.expect_silence().await;
     }
 
+    // One subscribe of 60 topics (one batch over many slots, split per slot).
+    let many: Vec<String> = (0..60).map(|i| format!("bulk-{i}")).collect();
+    let many_refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    subscribe(&mut on_a, &many_refs).await;
+    for topic in &many {
+        wait_shardnumsub(&cluster, &topic_ch(topic), 1).await;
+    }
+    http_publish(b.local_addr, "bulk-59", "metrics", json!({"n": 9})).await;
+    expect_publication(&mut on_a, "bulk-59", &json!({"n": 9})).await;
+
     // Hygiene: the channel of `routes` stays only while `c` has a subscriber (plus the linger).
     let ack = on_c
         .request(json!({"type": "unsubscribe", "id": "u", "data": {"topics": ["routes"]}}))

@@ -75,6 +75,15 @@ pub struct UpstreamMessage {
     pub raw: String,
 }
 
+/// The broker's health, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BrokerDiagnostics {
+    pub ready: bool,
+    /// Reconnects of the subscription connections since start.
+    pub reconnects: u64,
+    pub subscribed_channels: usize,
+}
+
 /// One node as the cluster sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NodeStatus {
@@ -93,7 +102,7 @@ pub struct ClusterStatus {
 }
 
 /// One connection subscribed to a topic, anywhere in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PresenceMember {
     #[serde(rename = "connectionId")]
     pub connection_id: ConnId,
@@ -147,6 +156,14 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the broker can carry messages now (for `/readyz`).
     fn is_ready(&self) -> bool;
+
+    /// Health figures for `/metrics`.
+    fn diagnostics(&self) -> BrokerDiagnostics {
+        BrokerDiagnostics {
+            ready: self.is_ready(),
+            ..BrokerDiagnostics::default()
+        }
+    }
 
     /// `"memory"` or `"redis"`, for `/api/info`.
     fn name(&self) -> &'static str;

@@ -17,6 +17,7 @@
 //!   paths: [/ws, /api/ws/connect]
 //!   heartbeat_interval: 25s     # durations: 500ms, 25s, 2m, 1h
 //!   rate_limit: { per_second: 50, burst: 100 }
+//!   echo_path: /echo            # conformance-testing echo endpoint; absent: off
 //! redis:
 //!   url: redis://127.0.0.1:6379 # or a list of URLs (sharding)
 //!   cluster: false              # true: the URLs are Redis Cluster seed nodes
@@ -164,6 +165,8 @@ pub struct WebsocketFile {
     pub rate_limit: Option<RateLimitFile>,
     pub allowed_origins: Option<Vec<String>>,
     pub allow_client_broadcast: Option<bool>,
+    /// Echo endpoint for conformance testing (e.g. `/echo`); absent: off.
+    pub echo_path: Option<String>,
 }
 
 /// `websocket.rate_limit:` — per-connection inbound token bucket.
@@ -341,6 +344,9 @@ impl WebsocketFile {
         }
         set(&mut ws.allowed_origins, self.allowed_origins);
         set(&mut ws.allow_client_broadcast, self.allow_client_broadcast);
+        if let Some(path) = self.echo_path {
+            ws.echo_path = Some(path);
+        }
         Ok(())
     }
 }

@@ -66,6 +66,9 @@ pub struct WsSettings {
     pub allowed_origins: Vec<String>,
     /// Whether a client message with an empty `to` may broadcast to every connection.
     pub allow_client_broadcast: bool,
+    /// A path whose upgrades run an echo session (every message sent back as-is, no JSON
+    /// protocol) for conformance testing, e.g. the Autobahn suite; `None` (the default): off.
+    pub echo_path: Option<String>,
 }
 
 /// What clients may do in one topic namespace.
@@ -127,6 +130,7 @@ impl Default for WsSettings {
             rate_burst: 100,
             allowed_origins: Vec::new(),
             allow_client_broadcast: false,
+            echo_path: None,
         }
     }
 }
@@ -202,6 +206,19 @@ impl Settings {
         for p in &self.ws.paths {
             if !p.starts_with('/') {
                 bad("websocket.paths", format!("{p:?} must start with '/'"));
+            }
+        }
+        if let Some(echo) = &self.ws.echo_path {
+            if !echo.starts_with('/') {
+                bad(
+                    "websocket.echo_path",
+                    format!("{echo:?} must start with '/'"),
+                );
+            } else if self.ws.paths.contains(echo) {
+                bad(
+                    "websocket.echo_path",
+                    format!("{echo:?} is also in websocket.paths; pick a path of its own"),
+                );
             }
         }
         if self.ws.max_connections == 0 {

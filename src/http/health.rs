@@ -1,13 +1,23 @@
 //! Liveness and readiness for load balancers and orchestrators.
 //!
 //! `/healthz` answers 200 while the process serves HTTP at all; `/readyz` answers 200 only while
-//! the node takes new connections (not shutting down, broker able to carry messages).
+//! the node takes new connections (not shutting down, broker able to carry messages);
+//! `/metrics` is the Prometheus exposition.
 
 use hyper::{Response, StatusCode};
 use serde_json::json;
 
 use super::{json_response, Body};
 use crate::node::NodeContext;
+
+pub fn metrics(ctx: &NodeContext) -> Response<Body> {
+    let mut resp = Response::new(Body::new(crate::metrics::render(ctx).into()));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
 
 pub fn healthz() -> Response<Body> {
     json_response(StatusCode::OK, &json!({"status": "ok"}))

@@ -45,11 +45,15 @@ pub async fn serve_connection(ctx: Arc<NodeContext>, stream: TcpStream, peer: So
 async fn route(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     if ctx.settings.ws.paths.iter().any(|p| p == path) {
-        return ws::upgrade::handle(ctx, req);
+        return ws::upgrade::handle(ctx, req, ws::session::SessionKind::Protocol);
+    }
+    if ctx.settings.ws.echo_path.as_deref() == Some(path) {
+        return ws::upgrade::handle(ctx, req, ws::session::SessionKind::Echo);
     }
     match path {
         "/healthz" => health::healthz(),
         "/readyz" => health::readyz(&ctx),
+        "/metrics" => health::metrics(&ctx),
         p if p.starts_with("/api/") => api::handle(ctx, req, peer).await,
         _ => json_error(ErrorCode::NotFound, format!("no route for {path}")),
     }

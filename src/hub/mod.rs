@@ -187,6 +187,8 @@ impl Hub {
                 },
             }
         }
+        metrics::counter!(crate::metrics::PUBLICATIONS).increment(1);
+        metrics::counter!(crate::metrics::DELIVERIES).increment(delivery.delivered as u64);
         delivery
     }
 

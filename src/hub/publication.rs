@@ -44,7 +44,8 @@ impl SharedFrame {
     }
 
     /// The frame for one recipient: compressed when it negotiated deflate (`Some`) and the
-    /// payload is worth it, plain otherwise. Either way a reference count, not a copy.
+    /// payload is worth it, plain otherwise. Either way a reference count, not a copy. The
+    /// plain frame must be a final text or binary frame; the compressed one keeps its opcode.
     pub fn for_recipient(&self, deflate: Option<DeflateParams>) -> Bytes {
         let Some(params) = deflate else {
             return self.plain.clone();
@@ -59,7 +60,7 @@ impl SharedFrame {
                 if compressed.len() >= payload.len() {
                     return self.plain.clone();
                 }
-                frame::compressed(frame::OpCode::Text, &compressed)
+                frame::compressed(frame::data_opcode_of(&self.plain), &compressed)
             })
             .clone()
     }

@@ -212,6 +212,14 @@ impl CloseCode {
             | CloseCode::DisconnectedByServer => false,
         }
     }
+
+    /// Whether `code` may appear in a close frame a peer sends (RFC 6455 7.4): the defined
+    /// codes 1000-1003 and 1007-1011, the IANA-registered 1012-1014, and 3000-4999 (libraries
+    /// and applications). 1004-1006 and 1015 are reserved or must never be sent; anything else
+    /// is unassigned.
+    pub fn peer_may_send(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
 }
 
 #[cfg(test)]
@@ -230,6 +238,20 @@ mod tests {
             let yes_no = if code.reconnect() { "yes" } else { "no" };
             let row = format!("| {} | {yes_no} |", code.as_u16());
             assert!(doc.contains(&row), "docs/protocol.md lacks the row {row:?}");
+        }
+    }
+
+    #[test]
+    fn close_codes_a_peer_may_send() {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1011, 1013, 1014, 3000, 3999, 4000, 4999,
+        ] {
+            assert!(CloseCode::peer_may_send(code), "{code}");
+        }
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert!(!CloseCode::peer_may_send(code), "{code}");
         }
     }
 

@@ -110,6 +110,15 @@ pub fn compressed(opcode: OpCode, deflated: &[u8]) -> Bytes {
     buf.seal(opcode, true)
 }
 
+/// The data opcode of a complete frame built by this module: binary for a binary frame, text
+/// for anything else.
+pub fn data_opcode_of(frame: &[u8]) -> OpCode {
+    match frame.first().map(|b| b & 0x0F) {
+        Some(0x2) => OpCode::Binary,
+        _ => OpCode::Text,
+    }
+}
+
 /// The payload of a complete unmasked frame built by this module.
 pub fn payload_of(frame: &[u8]) -> &[u8] {
     let header = match frame.get(1).map(|b| b & 0x7F) {

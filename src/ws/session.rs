@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::guard::{FrameGuard, GuardError};
 use super::writer::{self, Outbound};
 use crate::broker::{Direct, Recipient, TopicMessage, UpstreamMessage};
-use crate::hub::{ConnId, Connection, DeflateParams};
+use crate::hub::{ConnId, Connection, DeflateParams, SharedFrame};
 use crate::limits::{Slot, TokenBucket};
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
@@ -37,8 +37,22 @@ pub struct Identity {
     pub user_id: Option<String>,
 }
 
+/// What a session does with the client's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    /// The gateway's JSON protocol: subscriptions, publications, direct messages.
+    Protocol,
+    /// Conformance testing (`websocket.echo_path`): every complete text or binary message goes
+    /// back as it came, through the same read path (guard, size limit, UTF-8, close handshake,
+    /// ping -> pong) and the same frame code (compressed when deflate was negotiated). No JSON
+    /// is ever sent, no rate limit applies, and the connection is not registered with the hub;
+    /// the writer sends no heartbeat pings (a test client counts every frame it gets).
+    Echo,
+}
+
 /// What the upgrade hands over to a session.
 pub struct SessionStart {
+    pub kind: SessionKind,
     pub stream: TcpStream,
     /// Bytes hyper read past the HTTP request (the client's first frames, if any).
     pub read_ahead: Bytes,
@@ -87,13 +101,14 @@ impl Refusal {
 enum Exit {
     /// Close with this code after an optional `error` message.
     Close(CloseCode, String, Option<ErrorCode>),
-    /// The client sent a close frame; echo its code.
-    ClientClosed(u16),
+    /// The client sent a valid close frame; echo its code (`None`: it carried none).
+    ClientClosed(Option<u16>),
     /// The peer vanished or the writer ended (slow consumer, server close): nothing to send.
     Gone,
 }
 
 struct Session {
+    kind: SessionKind,
     ctx: Arc<NodeContext>,
     conn: Arc<Connection>,
     subscriptions: HashSet<Arc<str>>,
@@ -103,17 +118,23 @@ struct Session {
 /// Runs a connection to its end.
 pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     let settings = &ctx.settings.ws;
+    let echo = start.kind == SessionKind::Echo;
     let (read_half, write_half) = start.stream.into_split();
     let outbound = Outbound::new(settings.send_queue_bytes);
     let mut writer = tokio::spawn(writer::run(
         Arc::clone(&outbound),
         write_half,
         settings.write_timeout,
-        settings.heartbeat_interval,
+        (!echo).then_some(settings.heartbeat_interval),
     ));
 
     let _slot = match start.admission {
         Ok(slot) => slot,
+        Err(refused) if echo => {
+            outbound.close_bare(refused.close, &refused.message);
+            let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
+            return;
+        }
         Err(refused) => {
             let _ =
                 outbound.push(ErrorBody::new(refused.error, refused.message.as_str()).to_frame());
@@ -131,26 +152,28 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         connected_at: SystemTime::now(),
         deflate: start.deflate,
     });
-    if ctx.hub.register(Arc::clone(&conn)) {
-        if let Some(user) = &conn.user_id {
-            ctx.broker.user_interest(user, true);
-        }
-    }
     let mut session = Session {
+        kind: start.kind,
         bucket: TokenBucket::new(settings.rate_per_second, settings.rate_burst),
         ctx: Arc::clone(&ctx),
         conn: Arc::clone(&conn),
         subscriptions: HashSet::new(),
     };
-
-    let initial = if start.initial_topics.is_empty() {
-        Ok(Vec::new())
-    } else {
-        session.subscribe(start.initial_topics, None, None)
-    };
-    let _ = outbound.push(session.connection_message());
-    if let Err(refusal) = initial {
-        let _ = outbound.push(session.error_frame(refusal, None));
+    if !echo {
+        if ctx.hub.register(Arc::clone(&conn)) {
+            if let Some(user) = &conn.user_id {
+                ctx.broker.user_interest(user, true);
+            }
+        }
+        let initial = if start.initial_topics.is_empty() {
+            Ok(Vec::new())
+        } else {
+            session.subscribe(start.initial_topics, None, None)
+        };
+        let _ = outbound.push(session.connection_message());
+        if let Err(refusal) = initial {
+            let _ = outbound.push(session.error_frame(refusal, None));
+        }
     }
 
     let reader = FrameGuard::new(
@@ -161,6 +184,7 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     let exit = session.read_loop(reader, &mut writer).await;
 
     match exit {
+        Exit::Close(code, reason, _) if echo => outbound.close_bare(code, &reason),
         Exit::Close(code, reason, error) => {
             if let Some(error) = error {
                 let _ = outbound.push(ErrorBody::new(error, reason.as_str()).to_frame());
@@ -170,7 +194,9 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         Exit::ClientClosed(code) => outbound.close_echo(code),
         Exit::Gone => outbound.abort(),
     }
-    session.leave();
+    if !echo {
+        session.leave();
+    }
     // The read loop may already have polled the writer to completion (`Exit::Gone`); polling a
     // finished JoinHandle again panics, so only wait for a writer that is still running.
     if !writer.is_finished()
@@ -220,7 +246,7 @@ impl Session {
                 _ = &mut *writer => return Exit::Gone,
             };
             let (opcode, payload) = match frame.opcode {
-                OpCode::Close => return Exit::ClientClosed(close_code_of(&frame.payload)),
+                OpCode::Close => return client_close(&frame.payload),
                 OpCode::Ping => {
                     let pong = super::frame::frame(super::frame::OpCode::Pong, &frame.payload);
                     let _ = self.conn.outbound.push(pong);
@@ -254,6 +280,13 @@ impl Session {
                     }
                 }
             };
+            if self.kind == SessionKind::Echo {
+                if opcode == OpCode::Text && std::str::from_utf8(&payload).is_err() {
+                    return invalid_utf8();
+                }
+                self.echo(opcode, &payload);
+                continue;
+            }
             if opcode == OpCode::Binary {
                 self.refuse(
                     Refusal::new(
@@ -265,14 +298,24 @@ impl Session {
                 continue;
             }
             let Ok(text) = std::str::from_utf8(&payload) else {
-                return Exit::Close(
-                    CloseCode::InvalidPayload,
-                    "text message is not valid UTF-8".into(),
-                    None,
-                );
+                return invalid_utf8();
             };
             self.handle_text(text).await;
         }
+    }
+
+    /// Sends one complete message back as it came (echo sessions), compressed like every other
+    /// outbound frame when the connection negotiated deflate and the payload is worth it.
+    fn echo(&self, opcode: OpCode, payload: &[u8]) {
+        let opcode = match opcode {
+            OpCode::Binary => super::frame::OpCode::Binary,
+            _ => super::frame::OpCode::Text,
+        };
+        let frame = SharedFrame::new(super::frame::frame(opcode, payload));
+        let _ = self
+            .conn
+            .outbound
+            .push(frame.for_recipient(self.conn.deflate));
     }
 
     /// Handles one complete client text message.
@@ -676,11 +719,35 @@ fn protocol_error(reason: &str) -> Exit {
     Exit::Close(CloseCode::ProtocolError, reason.to_string(), None)
 }
 
-/// The close code in a close frame's payload (1000 when it carries none).
-fn close_code_of(payload: &[u8]) -> u16 {
+fn invalid_utf8() -> Exit {
+    Exit::Close(
+        CloseCode::InvalidPayload,
+        "text message is not valid UTF-8".into(),
+        None,
+    )
+}
+
+/// How a client's close frame ends the connection (RFC 6455 5.5.1, 7.4): echoed when it is
+/// valid; a one-byte payload or a code no endpoint may send is a protocol error (1002), and a
+/// reason that is not UTF-8 is invalid payload (1007).
+fn client_close(payload: &[u8]) -> Exit {
     match payload {
-        [hi, lo, ..] => u16::from_be_bytes([*hi, *lo]),
-        _ => 1000,
+        [] => Exit::ClientClosed(None),
+        [_] => protocol_error("close frame with a one-byte payload"),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !CloseCode::peer_may_send(code) {
+                return protocol_error(&format!("close code {code} may not be sent"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Exit::Close(
+                    CloseCode::InvalidPayload,
+                    "close reason is not valid UTF-8".into(),
+                    None,
+                );
+            }
+            Exit::ClientClosed(Some(code))
+        }
     }
 }
 
@@ -702,11 +769,7 @@ fn exit_for(e: WebSocketError) -> Exit {
             None => Exit::Gone,
         },
         WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => Exit::Gone,
-        WebSocketError::InvalidUTF8 => Exit::Close(
-            CloseCode::InvalidPayload,
-            "text message is not valid UTF-8".into(),
-            None,
-        ),
+        WebSocketError::InvalidUTF8 => invalid_utf8(),
         WebSocketError::FrameTooLarge => Exit::Close(
             CloseCode::MessageTooBig,
             "frame over the message size limit".into(),

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::deflate;
-use super::session::{self, Identity, Refused, SessionStart};
+use super::session::{self, Identity, Refused, SessionKind, SessionStart};
 use crate::auth;
 use crate::http::{json_error, Body};
 use crate::hub::DeflateParams;
@@ -26,8 +26,13 @@ use crate::protocol::codes::{CloseCode, ErrorCode};
 /// Longest accepted client label.
 const MAX_CLIENT_ID_LEN: usize = 128;
 
-/// Answers an upgrade request on one of the WebSocket paths.
-pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Body> {
+/// Answers an upgrade request on one of the WebSocket paths (`kind`: the protocol paths, or the
+/// echo path). Both go through the same checks: origin, authentication, admission.
+pub fn handle(
+    ctx: Arc<NodeContext>,
+    mut req: Request<Incoming>,
+    kind: SessionKind,
+) -> Response<Body> {
     if ctx.is_shutting_down() {
         return json_error(ErrorCode::Unavailable, "the node is shutting down");
     }
@@ -103,6 +108,7 @@ pub fn handle(ctx: Arc<NodeContext>, mut req: Request<Incoming>) -> Response<Bod
         session::run(
             ctx,
             SessionStart {
+                kind,
                 stream: parts.io.into_inner(),
                 read_ahead: parts.read_buf,
                 identity,

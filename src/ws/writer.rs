@@ -88,6 +88,7 @@ impl Outbound {
             return Err(PushError::Closed);
         }
         if st.bytes + frame.len() > self.limit {
+            metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
             st.discard_queued();
             st.closing = Some(farewell(
                 CloseCode::SlowConsumer,
@@ -111,10 +112,24 @@ impl Outbound {
         self.close_with(farewell(code, reason, false));
     }
 
-    /// Echoes a client's close frame (no notice: the client chose to leave).
-    pub fn close_echo(&self, code: u16) {
+    /// Echoes a client's close frame (no notice: the client chose to leave). `None` answers a
+    /// close frame that carried no status code with one that carries none either.
+    pub fn close_echo(&self, code: Option<u16>) {
+        let close = match code {
+            Some(code) => frame::close(code, ""),
+            None => frame::frame(frame::OpCode::Close, b""),
+        };
         self.close_with(Closing {
-            farewell: vec![frame::close(code, "")],
+            farewell: vec![close],
+            discard_queue: false,
+        });
+    }
+
+    /// Like [`Outbound::close`] without the `disconnect` notice: only the close frame follows
+    /// what is queued (echo sessions, which speak no JSON protocol).
+    pub fn close_bare(&self, code: CloseCode, reason: &str) {
+        self.close_with(Closing {
+            farewell: vec![frame::close(code.as_u16(), reason)],
             discard_queue: false,
         });
     }
@@ -176,12 +191,12 @@ pub enum WriterError {
 }
 
 /// Drains `outbound` into `socket` until a close is written or the socket fails, and sends a
-/// WebSocket ping every `ping_every` so that idle clients answer with a pong.
+/// WebSocket ping every `ping_every` (if set) so that idle clients answer with a pong.
 pub async fn run(
     outbound: Arc<Outbound>,
     mut socket: OwnedWriteHalf,
     write_timeout: Duration,
-    ping_every: Duration,
+    ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
     let result = drain_loop(&outbound, &mut socket, write_timeout, ping_every).await;
     {
@@ -199,17 +214,19 @@ async fn drain_loop(
     outbound: &Outbound,
     socket: &mut OwnedWriteHalf,
     write_timeout: Duration,
-    ping_every: Duration,
+    ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
     let ping = frame::frame(frame::OpCode::Ping, b"");
-    let mut next_ping = Instant::now() + ping_every;
+    // Without pings the timer still has to be a time: one far enough away never to fire.
+    let period = ping_every.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let mut next_ping = Instant::now() + period;
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         // Checked on every round, not only when idle: a client that only receives must still
         // be pinged, or its idle timer would run out while it is busy reading.
-        if Instant::now() >= next_ping {
+        if ping_every.is_some() && Instant::now() >= next_ping {
             let _ = outbound.push(ping.clone());
-            next_ping = Instant::now() + ping_every;
+            next_ping = Instant::now() + period;
         }
         let closing = {
             let mut st = outbound.state.lock();

@@ -37,8 +37,8 @@ use super::pubsub::{Subscriber, SubscriberConfig};
 use super::shard::shard_of;
 use crate::broker::memory::{deliver_direct, disconnect_local};
 use crate::broker::{
-    Broker, BrokerError, ClusterStatus, Direct, DisconnectTarget, NodeStatus, PresenceMember,
-    PublishReceipt, Recipient, TopicMessage, UpstreamMessage,
+    Broker, BrokerDiagnostics, BrokerError, ClusterStatus, Direct, DisconnectTarget, NodeStatus,
+    PresenceMember, PublishReceipt, Recipient, TopicMessage, UpstreamMessage,
 };
 use crate::config::Settings;
 use crate::hub::{Connection, Hub};
@@ -456,24 +456,26 @@ impl Broker for RedisBroker {
     }
 
     async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError> {
-        let entries = self
-            .presence
+        self.presence
             .topic_presence(topic)
             .await
-            .map_err(unavailable)?;
-        Ok(entries
-            .into_iter()
-            .map(|e| PresenceMember {
-                connection_id: e.connection_id,
-                node: e.node,
-                client_id: e.client_id,
-                user_id: e.user_id,
-            })
-            .collect())
+            .map_err(unavailable)
     }
 
     fn is_ready(&self) -> bool {
         self.shards.iter().all(|s| s.subscriber.is_ready())
+    }
+
+    fn diagnostics(&self) -> BrokerDiagnostics {
+        BrokerDiagnostics {
+            ready: self.is_ready(),
+            reconnects: self.shards.iter().map(|s| s.subscriber.reconnects()).sum(),
+            subscribed_channels: self
+                .shards
+                .iter()
+                .map(|s| s.subscriber.subscribed().len())
+                .sum(),
+        }
     }
 
     fn name(&self) -> &'static str {

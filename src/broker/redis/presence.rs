@@ -126,17 +126,8 @@ pub struct NodeInfo {
     pub heartbeat_at_ms: u64,
 }
 
-/// One connection subscribed to a topic, anywhere in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PresenceEntry {
-    #[serde(rename = "connectionId")]
-    pub connection_id: u64,
-    pub node: String,
-    #[serde(rename = "clientId")]
-    pub client_id: String,
-    #[serde(rename = "userId")]
-    pub user_id: Option<String>,
-}
+/// A presence hash entry is the broker's [`PresenceMember`], stored as JSON.
+pub use crate::broker::PresenceMember as PresenceEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {

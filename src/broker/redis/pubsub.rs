@@ -910,6 +910,12 @@ impl Actor {
             .collect();
         let stale: Vec<String> = self.server.difference(&wanted).cloned().collect();
         live.conn.unsubscribe(&stale).await?;
+        for channel in &stale {
+            self.server.remove(channel);
+        }
+        // From here on they count as on the server even if a command fails halfway, so that a
+        // channel whose interest ends before the next resync is still unsubscribed.
+        self.server.extend(wanted.iter().cloned());
         let all: Vec<String> = wanted.iter().cloned().collect();
         live.conn.subscribe(&all).await?;
         self.pending.clear();
@@ -1005,9 +1011,11 @@ impl Actor {
         };
         if !self.pending.is_empty() {
             let new: Vec<String> = self.pending.drain().collect();
+            // Counted as on the server before the command: if it fails halfway (cluster mode,
+            // some slots done), the resync then knows to unsubscribe those no longer wanted.
+            self.server.extend(new.iter().cloned());
             live.conn.subscribe(&new).await?;
-            self.shared.subscribed.lock().extend(new.iter().cloned());
-            self.server.extend(new);
+            self.shared.subscribed.lock().extend(new);
         }
         let now = Instant::now();
         let mut due = Vec::new();

@@ -1,0 +1,261 @@
+//! Criterion benchmark: what permessage-deflate adds to fan-out. One publication with a ~1 KB
+//! compressible JSON `data` is fanned out by [`Hub::deliver`] to 10,000 local connections that
+//! all negotiated deflate (`Connection::deflate = Some(level 1, threshold 256)`, the defaults),
+//! against the same fan-out to 10,000 plain connections, same payload, same run.
+//!
+//! Every delivered publication is a fresh [`Publication`] (encoded outside the timing, the same
+//! way for both cases), so the compressed case pays its one compression per publication inside
+//! the timed `deliver`: the first deflate recipient compresses, the other 9,999 share the result.
+//! One iteration is one whole fan-out; throughput is in deliveries (10,000 per iteration), so
+//! `time / 10,000` is the cost per delivery. Like `hot_path`'s `hub_fanout`, no writer runs:
+//! this is the producer side only (queues start empty and regrow; hubs are rebuilt every
+//! `DELIVERIES_PER_HUB` fan-outs outside the timing). What compression saves later (fewer bytes
+//! for the writer's `writev` and the kernel) is not in here; `loadtest/cpu_per_delivery.sh`
+//! measures the whole gateway process over real sockets.
+//!
+//! Groups:
+//! - `deflate_fanout/deliver_10000`: `plain`, `deflate`, and `mixed` (every second connection
+//!   negotiated deflate).
+//! - `deflate_fanout/compress_once`: the one-time cost by itself: the compressed frame of a
+//!   fresh publication ([`SharedFrame::for_recipient`] on a new frame).
+//!
+//! After criterion's report (in a `--bench` run whose name filter can select
+//! `deflate_fanout/deliver_10000`), a plain timing loop prints the median ns per delivery of
+//! both cases, interleaved round by round, and their ratio: `ratio compressed/plain: X.XX`.
+//!
+//! Run: `cargo bench --bench deflate_fanout` (shorter: `cargo bench --bench deflate_fanout --
+//! --warm-up-time 1 --measurement-time 3`).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use serde_json::value::RawValue;
+
+use wsgate::hub::{Connection, DeflateParams, Hub, Publication};
+use wsgate::protocol::filter::SubscriptionOptions;
+use wsgate::ws::frame;
+use wsgate::ws::writer::Outbound;
+
+/// A 1001-byte publication `data` (the same as `hot_path`'s `LARGE_DATA`): a route update, the
+/// kind of JSON that compresses to about half.
+const DATA: &str = concat!(
+    r#"{"type":"route_update","routeId":"rt-5f2c9a0e","status":"ACTIVE","version":42"#,
+    r#","updatedAt":"2026-11-23T10:15:32.123Z","driver":{"id":"drv-1093""#,
+    r#","name":"Ana M\u00fcller","vehicle":{"plate":"B-WS 4711","model":"eSprinter""#,
+    r#","capacityKg":1200,"electric":true}},"stops":[{"seq":1,"id":"st-001","name":"Depot Nord""#,
+    r#","lat":52.5561,"lon":13.3472,"eta":"2026-11-23T10:30:00Z","status":"DONE","parcels":12}"#,
+    r#",{"seq":2,"id":"st-002","name":"Friedrichstra\u00dfe 44","lat":52.5079,"lon":13.3904"#,
+    r#","eta":"2026-11-23T10:52:00Z","status":"DONE","parcels":3},{"seq":3,"id":"st-003""#,
+    r#","name":"Alexanderplatz 1","lat":52.5219,"lon":13.4132,"eta":"2026-11-23T11:10:00Z""#,
+    r#","status":"PENDING","parcels":5},{"seq":4,"id":"st-004","name":"Warschauer Str. 70""#,
+    r#","lat":52.5058,"lon":13.4491,"eta":"2026-11-23T11:34:00Z","status":"PENDING""#,
+    r#","parcels":1}],"tags":["express","cold-chain","priority:high","zone:mitte"]"#,
+    r#","metrics":{"distanceKm":38.7,"durationMin":95,"onTimeRate":0.97"#,
+    r#","delays":[{"stop":"st-002","minutes":4,"reason":"traffic"}]}}"#,
+);
+
+/// Local connections per hub.
+const FANOUT: usize = 10_000;
+/// Fan-outs into one hub's queues before it is rebuilt with empty ones (outside the timing); see
+/// `hot_path.rs` for why (nothing drains the queues).
+const DELIVERIES_PER_HUB: u64 = 64;
+const TOPIC: &str = "routes:eu-west-1";
+/// The node's default compression settings.
+const DEFLATE: DeflateParams = DeflateParams {
+    level: 1,
+    threshold: 256,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No connection negotiated deflate.
+    Plain,
+    /// Every connection negotiated deflate.
+    Deflate,
+    /// Every second connection negotiated deflate.
+    Mixed,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Deflate => "deflate",
+            Mode::Mixed => "mixed",
+        }
+    }
+}
+
+fn build_hub(mode: Mode) -> Arc<Hub> {
+    let topic: Arc<str> = Arc::from(TOPIC);
+    let options = SubscriptionOptions::default();
+    let hub = Hub::new();
+    for i in 0..FANOUT {
+        let deflate = match mode {
+            Mode::Plain => None,
+            Mode::Deflate => Some(DEFLATE),
+            Mode::Mixed => (i % 2 == 0).then_some(DEFLATE),
+        };
+        let conn = Arc::new(Connection {
+            id: hub.next_conn_id(),
+            client_id: Arc::from(format!("client-{i}")),
+            user_id: Some(Arc::from(format!("user-{i}"))),
+            // Large enough never to overflow between rebuilds.
+            outbound: Outbound::new(1 << 40),
+            connected_at: SystemTime::now(),
+            deflate,
+        });
+        hub.register(Arc::clone(&conn));
+        hub.subscribe(&topic, &conn, &options);
+    }
+    hub
+}
+
+fn data() -> Box<RawValue> {
+    RawValue::from_string(DATA.to_owned()).expect("valid JSON")
+}
+
+fn publication(data: &RawValue, seq: u64) -> Publication {
+    Publication::encode(TOPIC, "route_update", seq, "e-3f9a1c", data)
+}
+
+/// Times `iters` fan-outs of fresh publications, rebuilding the hub every `DELIVERIES_PER_HUB`
+/// outside the timing. Publications are encoded outside the timing too, so both modes time the
+/// same thing but for what deflate adds (its compression, in the first `for_recipient`).
+fn timed_fanouts(mode: Mode, data: &RawValue, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    let mut seq = 0;
+    while left > 0 {
+        let n = left.min(DELIVERIES_PER_HUB);
+        let hub = build_hub(mode);
+        let publications: Vec<Publication> = (0..n)
+            .map(|_| {
+                seq += 1;
+                publication(data, seq)
+            })
+            .collect();
+        let start = Instant::now();
+        for p in &publications {
+            black_box(hub.deliver(black_box(p)));
+        }
+        total += start.elapsed();
+        // Every recipient got its frame, and deflate recipients got the compressed one.
+        let last = publications.last().expect("at least one");
+        let d = hub.deliver(last);
+        assert_eq!((d.delivered, d.dropped), (FANOUT, 0));
+        if mode != Mode::Plain {
+            let compressed = last.frame.for_recipient(Some(DEFLATE));
+            assert_eq!(compressed[0] & 0x40, 0x40, "RSV1: the frame is compressed");
+            assert!(compressed.len() < last.frame.plain().len());
+        }
+        drop(hub);
+        left -= n;
+    }
+    total
+}
+
+fn deliver_group(c: &mut Criterion) {
+    let data = data();
+    let mut group = c.benchmark_group("deflate_fanout");
+    group.throughput(Throughput::Elements(FANOUT as u64));
+    group.sample_size(30);
+    for mode in [Mode::Plain, Mode::Deflate, Mode::Mixed] {
+        group.bench_function(BenchmarkId::new("deliver_10000", mode.label()), |b| {
+            b.iter_custom(|iters| timed_fanouts(mode, &data, iters))
+        });
+    }
+    group.finish();
+}
+
+fn compress_group(c: &mut Criterion) {
+    let data = data();
+    let p = publication(&data, 1);
+    let plain_len = frame::payload_of(p.frame.plain()).len();
+    let compressed_len = frame::payload_of(&p.frame.for_recipient(Some(DEFLATE))).len();
+    println!(
+        "publication frame payload: {plain_len} bytes plain, {compressed_len} bytes compressed \
+         (level {}, {:.0}%)",
+        DEFLATE.level,
+        100.0 * compressed_len as f64 / plain_len as f64
+    );
+    let mut group = c.benchmark_group("deflate_fanout");
+    group.throughput(Throughput::Bytes(plain_len as u64));
+    group.bench_function("compress_once", |b| {
+        b.iter_batched(
+            || publication(&data, 1),
+            |p| black_box(p.frame.for_recipient(Some(DEFLATE))),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// Whether this is a `--bench` run (not `cargo test`'s quick check of bench targets) whose name
+/// filter, if any, can select the fan-out benchmarks.
+fn summary_selected() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        return false;
+    }
+    let words: Vec<&String> = args
+        .iter()
+        .filter(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
+        .collect();
+    words.is_empty()
+        || words
+            .iter()
+            .any(|w| "deflate_fanout/deliver_10000".contains(w.as_str()))
+}
+
+/// Plain and compressed fan-outs, interleaved round by round so that both see the same machine
+/// state; prints the medians in ns per delivery and the ratio.
+fn print_summary() {
+    const ROUNDS: usize = 15;
+    let data = data();
+    let per_delivery =
+        |d: Duration| d.as_nanos() as f64 / (DELIVERIES_PER_HUB as f64 * FANOUT as f64);
+    let mut plain = Vec::with_capacity(ROUNDS);
+    let mut deflate = Vec::with_capacity(ROUNDS);
+    let mut ratios = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let p = per_delivery(timed_fanouts(Mode::Plain, &data, DELIVERIES_PER_HUB));
+        let d = per_delivery(timed_fanouts(Mode::Deflate, &data, DELIVERIES_PER_HUB));
+        plain.push(p);
+        deflate.push(d);
+        ratios.push(d / p);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[ROUNDS / 2], v[0], v[ROUNDS - 1])
+    };
+    let (p, pmin, pmax) = median(&mut plain);
+    let (d, dmin, dmax) = median(&mut deflate);
+    let (r, rmin, rmax) = median(&mut ratios);
+    println!(
+        "fanout plain:   {p:.1} ns per delivery ({FANOUT} connections; median of {ROUNDS} rounds \
+         of {DELIVERIES_PER_HUB} fan-outs, min {pmin:.1}, max {pmax:.1})"
+    );
+    println!(
+        "fanout deflate: {d:.1} ns per delivery (one level-{} compression per publication \
+         included; min {dmin:.1}, max {dmax:.1})",
+        DEFLATE.level
+    );
+    println!(
+        "ratio compressed/plain: {:.2} (median of per-round ratios {r:.2}, min {rmin:.2}, max \
+         {rmax:.2}; goal at most 1.2)",
+        d / p
+    );
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    deliver_group(&mut c);
+    compress_group(&mut c);
+    c.final_summary();
+    if summary_selected() {
+        print_summary();
+    }
+}
