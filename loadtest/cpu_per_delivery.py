@@ -47,12 +47,12 @@ DATA = json.loads(
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + sys CPU of the whole process (all threads)."""
+def cpu_seconds(pid: int):
+    """(user, sys) CPU seconds of the whole process (all threads)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # After the command name: state is field 3, utime field 14, stime field 15 (1-based).
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 class Topic:
@@ -117,14 +117,15 @@ class Publisher:
 
 
 async def run_block(pub: Publisher, topic: Topic, count: int, seq0: int, pid: int):
-    cpu0 = cpu_seconds(pid)
+    user0, sys0 = cpu_seconds(pid)
     t0 = time.monotonic()
     for k in range(count):
         topic.target = topic.received + topic.subscribers
         topic.reached.clear()
         await pub.publish(topic.name, seq0 + k)
         await asyncio.wait_for(topic.reached.wait(), timeout=60)
-    return cpu_seconds(pid) - cpu0, time.monotonic() - t0, count * topic.subscribers
+    user1, sys1 = cpu_seconds(pid)
+    return user1 - user0, sys1 - sys0, time.monotonic() - t0, count * topic.subscribers
 
 
 async def main() -> int:
@@ -160,7 +161,7 @@ async def main() -> int:
         await run_block(pub, topic, 5, 0, args.pid)
 
     per_block = max(1, args.publications // args.blocks)
-    totals = {"plain": [0.0, 0.0, 0], "deflate": [0.0, 0.0, 0]}
+    totals = {"plain": [0.0, 0.0, 0.0, 0], "deflate": [0.0, 0.0, 0.0, 0]}
     seq = 100
     for b in range(args.blocks):
         # Alternate which mode goes first so that drift cancels.
@@ -168,19 +169,23 @@ async def main() -> int:
         if b % 2:
             order.reverse()
         for name, topic in order:
-            cpu, wall, deliveries = await run_block(pub, topic, per_block, seq, args.pid)
+            user, sys_, wall, deliveries = await run_block(pub, topic, per_block, seq, args.pid)
             seq += per_block
             t = totals[name]
-            t[0] += cpu
-            t[1] += wall
-            t[2] += deliveries
-            print(f"block {b + 1} {name}: {cpu:.2f} s CPU, {wall:.2f} s wall, {deliveries} "
-                  f"deliveries, {cpu / deliveries * 1e6:.2f} us per delivery", flush=True)
+            t[0] += user
+            t[1] += sys_
+            t[2] += wall
+            t[3] += deliveries
+            print(f"block {b + 1} {name}: {user + sys_:.2f} s CPU ({user:.2f} user, {sys_:.2f} "
+                  f"sys), {wall:.2f} s wall, {deliveries} deliveries, "
+                  f"{(user + sys_) / deliveries * 1e6:.2f} us per delivery", flush=True)
     us = {}
-    for name, (cpu, wall, deliveries) in totals.items():
+    for name, (user, sys_, wall, deliveries) in totals.items():
+        cpu = user + sys_
         us[name] = cpu / deliveries * 1e6
-        print(f"{name}: {us[name]:.2f} us per delivery ({cpu:.2f} s CPU over {deliveries} "
-              f"deliveries, {wall:.1f} s wall, {args.subscribers} subscribers, paced)")
+        print(f"{name}: {us[name]:.2f} us per delivery (user {user / deliveries * 1e6:.2f}, sys "
+              f"{sys_ / deliveries * 1e6:.2f}; {cpu:.2f} s CPU over {deliveries} deliveries, "
+              f"{wall:.1f} s wall, {args.subscribers} subscribers, paced)")
     print(f"ratio compressed/plain: {us['deflate'] / us['plain']:.2f}", flush=True)
     return 0
 
