@@ -1,6 +1,9 @@
 //! The real `wsgate` binary driven by an independent client: Python `websockets`
 //! (`tests/py/client_check.py`), a WebSocket implementation that shares no code with ours or with
-//! the Rust test client. The binary is started the way deployments start it (`--listen`).
+//! the Rust test client. The binary is started the way deployments start it (`--listen`, and a
+//! YAML config that lets clients publish to the `chat` namespace). `websockets` offers
+//! permessage-deflate by default, so the script also checks compression both ways: a large
+//! publication the server compressed, and large client messages the server had to inflate.
 //!
 //! Needs `python3` with the `websockets` package; `./scripts/test` installs it. When it is missing
 //! this test fails (it does not skip) and says so.
@@ -20,7 +23,11 @@ struct Gateway {
     child: Child,
     addr: SocketAddr,
     log: tempfile::NamedTempFile,
+    _config: tempfile::NamedTempFile,
 }
+
+/// The gateway's config file: clients may publish to `chat:*` topics.
+const CONFIG: &str = "namespaces:\n  chat:\n    client_publish: true\n";
 
 impl Gateway {
     /// Starts the binary on a free loopback port and waits until the port answers.
@@ -29,8 +36,15 @@ impl Gateway {
         let log = tempfile::NamedTempFile::new().expect("temp file for the gateway log");
         let out = log.reopen().expect("reopen the log file");
         let err = log.reopen().expect("reopen the log file");
+        let config = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile()
+            .expect("temp file for the config");
+        std::fs::write(config.path(), CONFIG).expect("write the config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-        cmd.arg("--listen")
+        cmd.arg("--config")
+            .arg(config.path())
+            .arg("--listen")
             .arg(addr.to_string())
             .arg("--log")
             .arg("info")
@@ -44,7 +58,12 @@ impl Gateway {
             }
         }
         let child = cmd.spawn().expect("spawn the wsgate binary");
-        let mut gw = Gateway { child, addr, log };
+        let mut gw = Gateway {
+            child,
+            addr,
+            log,
+            _config: config,
+        };
         gw.wait_until_listening();
         gw
     }

@@ -20,6 +20,9 @@ pub struct DeflateParams {
     pub level: u32,
     /// Payloads shorter than this go out uncompressed even to clients that negotiated deflate.
     pub threshold: usize,
+    /// The LZ77 window (9-15) this recipient's compressed frames are made with: 15 unless the
+    /// client limited it with `server_max_window_bits`.
+    pub window_bits: u8,
 }
 
 /// One message's frame bytes for every recipient: the plain frame, and the compressed frame
@@ -44,25 +47,36 @@ impl SharedFrame {
     }
 
     /// The frame for one recipient: compressed when it negotiated deflate (`Some`) and the
-    /// payload is worth it, plain otherwise. Either way a reference count, not a copy. The
+    /// payload is worth it, plain otherwise. Either way a reference count, not a copy, except
+    /// for a recipient that limited the server's window (made for it alone, never shared). The
     /// plain frame must be a final text or binary frame; the compressed one keeps its opcode.
     pub fn for_recipient(&self, deflate: Option<DeflateParams>) -> Bytes {
         let Some(params) = deflate else {
             return self.plain.clone();
         };
-        self.compressed
-            .get_or_init(|| {
-                let payload = frame::payload_of(&self.plain);
-                if payload.len() < params.threshold {
-                    return self.plain.clone();
-                }
-                let compressed = deflate::compress(payload, params.level);
-                if compressed.len() >= payload.len() {
-                    return self.plain.clone();
-                }
-                frame::compressed(frame::data_opcode_of(&self.plain), &compressed)
-            })
-            .clone()
+        let worth_it = || {
+            let payload = frame::payload_of(&self.plain);
+            if payload.len() < params.threshold {
+                return self.plain.clone();
+            }
+            let compressed = self.deflated(params);
+            if compressed.len() >= self.plain.len() {
+                return self.plain.clone();
+            }
+            compressed
+        };
+        if params.window_bits < deflate::WINDOW_BITS {
+            return worth_it();
+        }
+        self.compressed.get_or_init(worth_it).clone()
+    }
+
+    /// The compressed frame made with `params`, whether or not deflate makes it any smaller
+    /// and whatever the threshold (echo sessions decide that themselves).
+    pub fn deflated(&self, params: DeflateParams) -> Bytes {
+        let payload = frame::payload_of(&self.plain);
+        let compressed = deflate::compress_with_window(payload, params.level, params.window_bits);
+        frame::compressed(frame::data_opcode_of(&self.plain), &compressed)
     }
 }
 
@@ -216,6 +230,7 @@ mod tests {
         let params = DeflateParams {
             level: 1,
             threshold: 100,
+            window_bits: 15,
         };
         let a = p.frame.for_recipient(Some(params));
         let b = p.frame.for_recipient(Some(params));
@@ -230,11 +245,35 @@ mod tests {
             p.frame.plain().as_ptr()
         );
 
+        // About 100 bytes of envelope (the id grows with the process's message count): well
+        // below a threshold of 256.
         let small = RawValue::from_string("1".into()).expect("json");
         let p = Publication::encode("t", "k", 1, "e", &small);
+        let params = DeflateParams {
+            threshold: 256,
+            ..params
+        };
         assert_eq!(
             p.frame.for_recipient(Some(params)).as_ptr(),
             p.frame.plain().as_ptr()
+        );
+
+        // A binary frame stays binary when compressed; a limited window gets its own frame.
+        let binary = SharedFrame::new(frame::frame(frame::OpCode::Binary, &[7u8; 4000]));
+        let small_window = DeflateParams {
+            window_bits: 9,
+            ..params
+        };
+        let c = binary.for_recipient(Some(small_window));
+        assert_eq!(c[0], 0xC2, "FIN + RSV1 + binary");
+        assert_ne!(
+            c.as_ptr(),
+            binary.for_recipient(Some(small_window)).as_ptr(),
+            "made for that recipient alone"
+        );
+        assert_eq!(
+            crate::ws::deflate::inflate(frame::payload_of(&c), 10_000).expect("inflates"),
+            vec![7u8; 4000]
         );
     }
 

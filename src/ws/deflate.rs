@@ -12,12 +12,40 @@ use std::cell::RefCell;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-/// The response parameters for an accepted offer.
+/// The response parameters for an accepted offer that did not limit the server's window.
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
-/// The deflate window the server compresses with and inflates with.
-const WINDOW_BITS: u8 = 15;
+/// The deflate window the server compresses with (unless a client asked for a smaller one) and
+/// always inflates with (a full window inflates data made with any smaller one).
+pub const WINDOW_BITS: u8 = 15;
+
+/// The smallest window the server can compress with: zlib has no raw deflate with 8 bits.
+const MIN_SERVER_WINDOW_BITS: u8 = 9;
+
+/// An accepted `permessage-deflate` offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreement {
+    /// The window the server compresses with: 15, or the client's `server_max_window_bits`.
+    pub server_window_bits: u8,
+    /// The offer carried `server_max_window_bits`; accepting it means repeating it (RFC 7692
+    /// 7.1.2.1).
+    limits_server_window: bool,
+}
+
+impl Agreement {
+    /// The `Sec-WebSocket-Extensions` value of the response.
+    pub fn response(&self) -> String {
+        if self.limits_server_window {
+            format!(
+                "{RESPONSE}; server_max_window_bits={}",
+                self.server_window_bits
+            )
+        } else {
+            RESPONSE.to_string()
+        }
+    }
+}
 
 /// The empty stored block that ends every sync-flushed message; removed on the wire (RFC 7692
 /// section 7.2.1) and put back before inflating.
@@ -27,28 +55,32 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// server can honour; `None` declines them all (the connection then runs uncompressed).
 ///
 /// An offer is declined when it repeats or does not know a parameter, gives a bad value, or asks
-/// the server to compress with a window below 15 bits (`server_max_window_bits`): one shared
-/// compressed frame per publication only works with one window for everybody.
-pub fn negotiate<'a>(header_values: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
+/// the server to compress with an 8-bit window (`server_max_window_bits=8`, which zlib cannot
+/// do). A smaller server window (9-14) is honoured: such a connection gets its own compressed
+/// frames, while everybody else shares the one made with the full window.
+pub fn negotiate<'a>(header_values: impl IntoIterator<Item = &'a str>) -> Option<Agreement> {
     header_values
         .into_iter()
         .flat_map(|value| value.split(','))
-        .find(|offer| acceptable(offer))
-        .map(|_| RESPONSE)
+        .find_map(acceptable)
 }
 
-fn acceptable(offer: &str) -> bool {
+fn acceptable(offer: &str) -> Option<Agreement> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts
         .next()
         .is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate"))
     {
-        return false;
+        return None;
     }
+    let mut agreement = Agreement {
+        server_window_bits: WINDOW_BITS,
+        limits_server_window: false,
+    };
     let mut seen: Vec<String> = Vec::new();
     for param in parts {
         if param.is_empty() {
-            return false;
+            return None;
         }
         let (name, value) = match param.split_once('=') {
             Some((n, v)) => (
@@ -58,22 +90,29 @@ fn acceptable(offer: &str) -> bool {
             None => (param.to_ascii_lowercase(), None),
         };
         if seen.contains(&name) {
-            return false;
+            return None;
         }
         let ok = match (name.as_str(), value) {
             ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
             // The client may limit its own window; we inflate with the full window regardless.
             ("client_max_window_bits", None) => true,
             ("client_max_window_bits", Some(v)) => window_bits(v).is_some(),
-            ("server_max_window_bits", Some(v)) => window_bits(v) == Some(WINDOW_BITS),
+            ("server_max_window_bits", Some(v)) => match window_bits(v) {
+                Some(bits) if bits >= MIN_SERVER_WINDOW_BITS => {
+                    agreement.server_window_bits = bits;
+                    agreement.limits_server_window = true;
+                    true
+                }
+                _ => false,
+            },
             _ => false,
         };
         if !ok {
-            return false;
+            return None;
         }
         seen.push(name);
     }
-    true
+    Some(agreement)
 }
 
 /// A window-bits value: 8 to 15, digits only (RFC 7692 section 7.1.2).
@@ -86,10 +125,14 @@ fn window_bits(v: &str) -> Option<u8> {
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+    /// For the rare client that limited the server's window: (level, window bits, compressor).
+    static SMALL_WINDOW_COMPRESSOR: RefCell<Option<(u32, u8, Compress)>> =
+        const { RefCell::new(None) };
     static INFLATER: RefCell<Option<Decompress>> = const { RefCell::new(None) };
 }
 
-/// Compresses one whole message payload for a frame with RSV1 set (without the 4-byte tail).
+/// Compresses one whole message payload for a frame with RSV1 set (without the 4-byte tail),
+/// with the full 15-bit window.
 pub fn compress(payload: &[u8], level: u32) -> Vec<u8> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -101,25 +144,48 @@ pub fn compress(payload: &[u8], level: u32) -> Vec<u8> {
                 &mut other.insert((level, fresh)).1
             }
         };
-        compressor.reset();
-        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
-        loop {
-            let consumed = compressor.total_in() as usize;
-            // A sync flush is complete once a call leaves output room unused.
-            if compressor
-                .compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync)
-                .is_err()
-                || (compressor.total_in() as usize == payload.len() && out.len() < out.capacity())
-            {
-                break;
-            }
-            out.reserve(out.capacity().max(64));
-        }
-        if out.ends_with(&TAIL) {
-            out.truncate(out.len() - TAIL.len());
-        }
-        out
+        compress_with(compressor, payload)
     })
+}
+
+/// Like [`compress`], with a window of `window_bits` (clamped to 9-15) instead of 15.
+pub fn compress_with_window(payload: &[u8], level: u32, window_bits: u8) -> Vec<u8> {
+    let bits = window_bits.clamp(MIN_SERVER_WINDOW_BITS, WINDOW_BITS);
+    if bits == WINDOW_BITS {
+        return compress(payload, level);
+    }
+    SMALL_WINDOW_COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let compressor = match &mut *slot {
+            Some((l, b, c)) if *l == level && *b == bits => c,
+            other => {
+                let fresh = Compress::new_with_window_bits(Compression::new(level), false, bits);
+                &mut other.insert((level, bits, fresh)).2
+            }
+        };
+        compress_with(compressor, payload)
+    })
+}
+
+fn compress_with(compressor: &mut Compress, payload: &[u8]) -> Vec<u8> {
+    compressor.reset();
+    let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+    loop {
+        let consumed = compressor.total_in() as usize;
+        // A sync flush is complete once a call leaves output room unused.
+        if compressor
+            .compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync)
+            .is_err()
+            || (compressor.total_in() as usize == payload.len() && out.len() < out.capacity())
+        {
+            break;
+        }
+        out.reserve(out.capacity().max(64));
+    }
+    if out.ends_with(&TAIL) {
+        out.truncate(out.len() - TAIL.len());
+    }
+    out
 }
 
 /// Why a compressed message could not be inflated.
@@ -175,30 +241,55 @@ pub fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
 mod tests {
     use super::*;
 
+    fn response(header: &str) -> Option<String> {
+        negotiate([header]).map(|a| a.response())
+    }
+
     #[test]
     fn offers_browsers_and_libraries_send_are_accepted() {
         for offer in [
             "permessage-deflate; client_max_window_bits",
             "permessage-deflate",
-            "permessage-deflate; server_max_window_bits=15; client_max_window_bits=12",
             "permessage-deflate; client_no_context_takeover; server_no_context_takeover",
             "permessage-deflate; client_max_window_bits=\"10\"",
         ] {
-            assert_eq!(negotiate([offer]), Some(RESPONSE), "{offer}");
+            assert_eq!(response(offer).as_deref(), Some(RESPONSE), "{offer}");
+            assert_eq!(negotiate([offer]).map(|a| a.server_window_bits), Some(15));
         }
     }
 
     #[test]
+    fn a_limited_server_window_is_honoured_and_repeated() {
+        let offer = "permessage-deflate; server_max_window_bits=15; client_max_window_bits=12";
+        assert_eq!(
+            response(offer),
+            Some(format!("{RESPONSE}; server_max_window_bits=15"))
+        );
+        let agreed = negotiate(["permessage-deflate; server_max_window_bits=9"]);
+        assert_eq!(agreed.map(|a| a.server_window_bits), Some(9));
+        assert_eq!(
+            agreed.map(|a| a.response()),
+            Some(format!("{RESPONSE}; server_max_window_bits=9"))
+        );
+        // Data made with the small window inflates with the full one.
+        let text = b"abcdefghij".repeat(500);
+        let small = compress_with_window(&text, 6, 9);
+        assert_eq!(inflate(&small, text.len()).expect("inflates"), text);
+    }
+
+    #[test]
     fn the_first_offer_the_server_can_honour_wins() {
-        // The first asks for a 10-bit server window (declined), the second is fine.
-        let header = "permessage-deflate; server_max_window_bits=10, permessage-deflate";
-        assert_eq!(negotiate([header]), Some(RESPONSE));
+        // The first asks for an 8-bit server window (declined), the second is fine.
+        let header = "permessage-deflate; server_max_window_bits=8, permessage-deflate";
+        assert_eq!(response(header).as_deref(), Some(RESPONSE));
         // Offers may also come as separate header values.
         assert_eq!(
             negotiate([
                 "x-webkit-deflate-frame",
                 "permessage-deflate; client_max_window_bits"
-            ]),
+            ])
+            .map(|a| a.response())
+            .as_deref(),
             Some(RESPONSE)
         );
     }
@@ -206,7 +297,7 @@ mod tests {
     #[test]
     fn bad_offers_are_declined() {
         for offer in [
-            "permessage-deflate; server_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits=8",
             "permessage-deflate; server_max_window_bits",
             "permessage-deflate; client_max_window_bits=7",
             "permessage-deflate; client_max_window_bits=16",

@@ -208,12 +208,9 @@ impl<R> FrameGuard<R> {
 
     fn capture_payload(&mut self, bytes: &[u8]) {
         if let Some(capture) = self.capture.as_mut() {
-            capture.data.extend(
-                bytes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| b ^ self.mask[(self.mask_pos + i) % 4]),
-            );
+            let start = capture.data.len();
+            capture.data.extend_from_slice(bytes);
+            unmask(&mut capture.data[start..], self.mask, self.mask_pos);
         }
         self.mask_pos = (self.mask_pos + bytes.len()) % 4;
     }
@@ -231,21 +228,21 @@ impl<R> FrameGuard<R> {
                 },
                 InflateError::Corrupt => GuardError::BadCompressedData,
             })?;
-        // Masked with an all-zero key: a valid client frame whose payload is unchanged.
+        // Without a mask: the guard has already checked that the client masked its frames, and
+        // fastwebsockets (which never asks) then has nothing to unmask.
         let len = payload.len();
         sink.diverted = true;
-        self.out.reserve(len + 14);
+        self.out.reserve(len + 10);
         self.out.extend_from_slice(&[0x80 | capture.opcode]);
         if len < 126 {
-            self.out.extend_from_slice(&[0x80 | len as u8]);
+            self.out.extend_from_slice(&[len as u8]);
         } else if len <= u16::MAX as usize {
-            self.out.extend_from_slice(&[0x80 | 126]);
+            self.out.extend_from_slice(&[126]);
             self.out.extend_from_slice(&(len as u16).to_be_bytes());
         } else {
-            self.out.extend_from_slice(&[0x80 | 127]);
+            self.out.extend_from_slice(&[127]);
             self.out.extend_from_slice(&(len as u64).to_be_bytes());
         }
-        self.out.extend_from_slice(&[0, 0, 0, 0]);
         self.out.extend_from_slice(&payload);
         Ok(())
     }
@@ -331,6 +328,24 @@ impl<R> FrameGuard<R> {
             });
         }
         Ok(())
+    }
+}
+
+/// XORs `data` with the 4-byte `mask`, starting at mask byte `offset`, eight bytes at a time.
+fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+    let key: [u8; 4] = std::array::from_fn(|i| mask[(offset + i) % 4]);
+    let wide = u64::from_ne_bytes([
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
+    }
+    // Whole chunks are a multiple of 4 bytes: the rest starts at key byte 0.
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i % 4];
     }
 }
 
@@ -502,7 +517,7 @@ mod tests {
             let (out, err) = run(&mut inflating(1000), &stream, chunk);
             assert_eq!(err, None);
             let mut expected = ping.clone();
-            expected.extend([0x81, 0x80 | text.len() as u8, 0, 0, 0, 0]);
+            expected.extend([0x81, text.len() as u8]);
             expected.extend_from_slice(text);
             expected.extend(&after);
             assert_eq!(out, expected, "chunk {chunk}");

@@ -73,12 +73,18 @@ pub fn handle(
         Ok(pair) => pair,
         Err(e) => return json_error(ErrorCode::InvalidOperation, format!("bad upgrade: {e}")),
     };
-    if deflate.is_some() {
-        response.headers_mut().insert(
-            SEC_WEBSOCKET_EXTENSIONS,
-            HeaderValue::from_static(deflate::RESPONSE),
-        );
-    }
+    let deflate = match deflate {
+        Some((params, agreement)) => match HeaderValue::from_str(&agreement.response()) {
+            Ok(value) => {
+                response
+                    .headers_mut()
+                    .insert(SEC_WEBSOCKET_EXTENSIONS, value);
+                Some(params)
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
 
     let initial_topics = params.subscriptions;
     tokio::spawn(async move {
@@ -140,9 +146,12 @@ async fn admit(ctx: &NodeContext) -> Result<Slot, Refused> {
     })
 }
 
-/// permessage-deflate parameters when the config allows it and the client offered it in a form
-/// the server can honour.
-fn negotiate_deflate<B>(ctx: &NodeContext, req: &Request<B>) -> Option<DeflateParams> {
+/// permessage-deflate parameters (and the accepted offer) when the config allows it and the
+/// client offered it in a form the server can honour.
+fn negotiate_deflate<B>(
+    ctx: &NodeContext,
+    req: &Request<B>,
+) -> Option<(DeflateParams, deflate::Agreement)> {
     let compression = &ctx.settings.compression;
     if !compression.enabled {
         return None;
@@ -152,9 +161,13 @@ fn negotiate_deflate<B>(ctx: &NodeContext, req: &Request<B>) -> Option<DeflatePa
         .get_all(SEC_WEBSOCKET_EXTENSIONS)
         .iter()
         .filter_map(|v| v.to_str().ok());
-    deflate::negotiate(offers).map(|_| DeflateParams {
-        level: compression.level,
-        threshold: compression.threshold,
+    deflate::negotiate(offers).map(|agreement| {
+        let params = DeflateParams {
+            level: compression.level,
+            threshold: compression.threshold,
+            window_bits: agreement.server_window_bits,
+        };
+        (params, agreement)
     })
 }
 

@@ -225,12 +225,17 @@ pub mod op {
     pub const CLOSE: u8 = 0x8;
     pub const PING: u8 = 0x9;
     pub const PONG: u8 = 0xA;
+    /// Or-ed into an opcode for [`super::raw_frame`] / [`super::RawWs::send_frame`]: sets RSV1
+    /// (permessage-deflate's "compressed" bit) in the frame's first byte.
+    pub const RSV1: u8 = 0x40;
 }
 
 /// One frame as the server sent it.
 #[derive(Debug, Clone)]
 pub struct RawFrame {
     pub fin: bool,
+    /// RSV1: the payload is compressed (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     pub payload: Vec<u8>,
 }
@@ -240,9 +245,12 @@ pub struct RawWs {
     pub stream: TcpStream,
     buf: Vec<u8>,
     pos: usize,
+    /// The server's upgrade response: status line and headers.
+    pub response_head: String,
 }
 
-/// Builds one client frame; `mask: None` sends it unmasked (a protocol violation).
+/// Builds one client frame; `mask: None` sends it unmasked (a protocol violation). `opcode` may
+/// carry [`op::RSV1`].
 pub fn raw_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
@@ -271,7 +279,37 @@ impl RawWs {
     /// TCP connect and upgrade on `path_and_query`; panics unless the server answers 101.
     pub async fn connect(addr: SocketAddr, path_and_query: &str) -> RawWs {
         let stream = TcpStream::connect(addr).await.expect("connect");
-        Self::handshake(stream, addr, path_and_query).await
+        Self::handshake(stream, addr, path_and_query, &[]).await
+    }
+
+    /// Like [`RawWs::connect`], with extra request headers (e.g. `Sec-WebSocket-Extensions`).
+    pub async fn connect_with_headers(
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> RawWs {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::handshake(stream, addr, path_and_query, headers).await
+    }
+
+    /// Connects offering permessage-deflate the way browsers do
+    /// (`permessage-deflate; client_max_window_bits`).
+    pub async fn connect_deflate(addr: SocketAddr, path_and_query: &str) -> RawWs {
+        let offer = [(
+            "Sec-WebSocket-Extensions",
+            "permessage-deflate; client_max_window_bits",
+        )];
+        Self::connect_with_headers(addr, path_and_query, &offer).await
+    }
+
+    /// The value of response header `name` (case-insensitive), if the upgrade response had it.
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        self.response_head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
     }
 
     /// Like [`RawWs::connect`] over a socket with a small receive buffer (`bytes`), so that a
@@ -280,14 +318,23 @@ impl RawWs {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
         let stream = socket.connect(addr).await.expect("connect");
-        Self::handshake(stream, addr, path_and_query).await
+        Self::handshake(stream, addr, path_and_query, &[]).await
     }
 
-    async fn handshake(mut stream: TcpStream, addr: SocketAddr, path_and_query: &str) -> RawWs {
-        let req = format!(
+    async fn handshake(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> RawWs {
+        let mut req = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {RAW_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Connection: Upgrade\r\nSec-WebSocket-Key: {RAW_KEY}\r\nSec-WebSocket-Version: 13\r\n"
         );
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        req.push_str("\r\n");
         stream
             .write_all(req.as_bytes())
             .await
@@ -322,6 +369,7 @@ impl RawWs {
             stream,
             buf,
             pos: head_end,
+            response_head: head,
         }
     }
 
@@ -397,6 +445,7 @@ impl RawWs {
         self.pos = start + len;
         Some(RawFrame {
             fin: b0 & 0x80 != 0,
+            rsv1: b0 & 0x40 != 0,
             opcode: b0 & 0x0f,
             payload,
         })

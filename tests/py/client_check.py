@@ -4,9 +4,12 @@
     python3 tests/py/client_check.py ws://127.0.0.1:PORT
 
 Checks the connection message, ping/pong, subscribe + a publication published over HTTP,
-an invalid-JSON error, and a direct message to itself. Prints what it checked; on the first
-mismatch prints what was expected and what arrived, and exits 1. tests/python_client.rs runs it
-against the real binary.
+an invalid-JSON error, and a direct message to itself; then permessage-deflate both ways (the
+gateway must run with `namespaces: {chat: {client_publish: true}}`): the negotiated extension,
+a large publication that arrives compressed (and equal to what a client without compression
+gets), and large client messages (whole and fragmented) that websockets compresses and the
+gateway must inflate. Prints what it checked; on the first mismatch prints what was expected and
+what arrived, and exits 1. tests/python_client.rs runs it against the real binary.
 """
 
 import asyncio
@@ -28,6 +31,34 @@ except ImportError:
 
 # How long to wait for one expected message.
 WAIT = 5.0
+
+# What the gateway answers to an offer it accepts (src/ws/deflate.rs RESPONSE).
+DEFLATE_RESPONSE = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+# Frames with RSV1 (compressed) that websockets inflated / produced, counted by wrapping its
+# permessage-deflate extension: the proof that data crossed the wire compressed.
+RSV1_IN = []
+RSV1_OUT = []
+
+
+def count_compressed_frames():
+    from websockets.extensions import permessage_deflate as pmd
+
+    decode, encode = pmd.PerMessageDeflate.decode, pmd.PerMessageDeflate.encode
+
+    def counting_decode(self, frame, *args, **kwargs):
+        if frame.rsv1:
+            RSV1_IN.append(len(frame.data))
+        return decode(self, frame, *args, **kwargs)
+
+    def counting_encode(self, frame, *args, **kwargs):
+        out = encode(self, frame, *args, **kwargs)
+        if out.rsv1:
+            RSV1_OUT.append(len(out.data))
+        return out
+
+    pmd.PerMessageDeflate.decode = counting_decode
+    pmd.PerMessageDeflate.encode = counting_encode
 
 
 class Mismatch(Exception):
@@ -164,12 +195,93 @@ async def run(ws_base):
         check(pong["data"].get("requestId") == "p-2", "messageId is echoed as requestId", pong)
         print("ok: connection still open; messageId alias")
 
+    await check_compression(ws_base, http_base)
+
+
+def extensions_of(ws):
+    return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+
+async def check_compression(ws_base, http_base):
+    """permessage-deflate both ways, next to a client that does not compress."""
+    deflate_url = f"{ws_base}/ws?user_id=pyz&clientId=pyz"
+    plain_url = f"{ws_base}/ws?user_id=pyp&clientId=pyp"
+    async with websockets.connect(deflate_url, open_timeout=WAIT) as ws, \
+            websockets.connect(plain_url, open_timeout=WAIT, compression=None) as plain:
+        # 8. Negotiation: websockets offers `permessage-deflate; client_max_window_bits`.
+        check(extensions_of(ws) == DEFLATE_RESPONSE,
+              f"Sec-WebSocket-Extensions == {DEFLATE_RESPONSE!r}", str(extensions_of(ws)))
+        check(extensions_of(plain) is None,
+              "no Sec-WebSocket-Extensions without an offer", str(extensions_of(plain)))
+        await expect_type(ws, "connection", "the deflate client's connection message")
+        await expect_type(plain, "connection", "the plain client's connection message")
+        print("ok: permessage-deflate negotiated (and not without an offer)")
+
+        # 9. A large publication: compressed to the deflate client, plain to the other; the
+        #    same message either way.
+        for c, who in ((ws, "deflate"), (plain, "plain")):
+            await c.send(json.dumps({"type": "subscribe", "id": "zs", "data": {"topics": ["big"]}}))
+            await expect_type(c, "ack", f"the {who} client's subscribe ack")
+        rows = [{"route": f"r-{i}", "status": "ACTIVE", "eta": i * 7} for i in range(400)]
+        status, body = http_post(http_base, "/api/publish",
+                                 {"topic": "big", "type": "routes", "data": {"rows": rows}})
+        check(status == 200, "POST /api/publish of a large message answers 200", f"{status} {body}")
+        got_deflate = await expect_type(ws, "routes", "the large publication (deflate client)")
+        got_plain = await expect_type(plain, "routes", "the large publication (plain client)")
+        check(got_deflate["data"] == {"rows": rows}, "the large publication inflates intact",
+              json.dumps(got_deflate)[:300])
+        check(got_deflate == got_plain, "both clients get the same message", got_plain)
+        size = len(json.dumps(got_plain))
+        check(any(n < size // 2 for n in RSV1_IN),
+              f"the {size}-byte publication arrived as a compressed (RSV1) frame",
+              f"compressed frames received: {RSV1_IN}")
+        print(f"ok: large publication ({size} bytes) arrived compressed ({RSV1_IN[-1]} bytes)")
+
+        # 10. A large client message (websockets compresses every message): a padded ping.
+        sent_before = len(RSV1_OUT)
+        await ws.send(json.dumps({"type": "ping", "id": "zp", "pad": "x" * 10_000}))
+        check(len(RSV1_OUT) > sent_before, "websockets sent the ping compressed", RSV1_OUT)
+        pong = await expect_type(ws, "pong", "pong to a compressed 10 KB ping")
+        check(pong["data"].get("requestId") == "zp", "pong.data.requestId == 'zp'", pong)
+        print("ok: compressed 10 KB ping -> pong")
+
+        # 11. A client publish with a 10 KB payload, compressed, sent as three fragments: acked,
+        #     and the publication comes back (compressed) to both subscribers.
+        for c, who in ((ws, "deflate"), (plain, "plain")):
+            await c.send(json.dumps({"type": "subscribe", "id": "zc",
+                                     "data": {"topics": ["chat:room"]}}))
+            await expect_type(c, "ack", f"the {who} client's chat subscribe ack")
+        text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
+                       for i in range(200))[:10_000]
+        message = json.dumps({"type": "publish", "id": "zpub", "topic": "chat:room",
+                              "data": {"text": text}})
+        third = len(message) // 3
+        sent_before = len(RSV1_OUT)
+        await ws.send([message[:third], message[third:2 * third], message[2 * third:]])
+        check(len(RSV1_OUT) == sent_before + 1,
+              "websockets sent the message compressed, RSV1 on its first fragment only", RSV1_OUT)
+        got = {}
+        for _ in range(2):
+            msg = await recv_json(ws, "the publish ack and the publication")
+            got[msg.get("type")] = msg
+        ack = got.get("ack")
+        check(ack is not None and ack["data"].get("requestId") == "zpub"
+              and ack["data"].get("action") == "publish",
+              "the compressed, fragmented publish is acked", list(got.values()))
+        echoed = got.get("message")
+        check(echoed is not None and echoed.get("data") == {"text": text},
+              "the 10 KB publication comes back intact", list(got.values()))
+        other = await expect_type(plain, "message", "the 10 KB publication (plain client)")
+        check(other == echoed, "the plain client gets the same publication", other)
+        print("ok: compressed, fragmented 10 KB publish -> ack and publication to both clients")
+
 
 def main():
     if len(sys.argv) != 2:
         print("usage: client_check.py ws://HOST:PORT", file=sys.stderr)
         sys.exit(2)
     base = sys.argv[1].rstrip("/")
+    count_compressed_frames()
     try:
         asyncio.run(run(base))
     except Mismatch as e:
