@@ -15,7 +15,7 @@ use crate::node::NodeContext;
 pub const CONNECTIONS_OPENED: &str = "wsgate_connections_opened_total";
 /// Connections refused after the upgrade; label `reason`: `unauthorized`, `full`.
 pub const CONNECTIONS_REFUSED: &str = "wsgate_connections_refused_total";
-/// Connections closed by the server; label `code` (the close code).
+/// Connections the server closed on purpose (limits, protocol errors, idle); label `code`.
 pub const CONNECTIONS_CLOSED: &str = "wsgate_connections_closed_total";
 /// Client messages received (complete messages, after reassembly).
 pub const MESSAGES_RECEIVED: &str = "wsgate_messages_received_total";

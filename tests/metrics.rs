@@ -43,7 +43,26 @@ async fn counts_connections_publications_and_deliveries() {
     a.expect_type("t").await;
     b.expect_type("t").await;
 
+    // A refusal (message too big: 1009) is counted with its close code.
+    let (mut c, _) = connect(addr, "/ws").await;
+    c.request(json!({"type": "ping", "id": "m1"})).await;
+    c.send_text(&"x".repeat(70_000)).await;
+    let (code, _, _) = c.expect_close().await;
+    assert_eq!(code, 1009);
+
     let after = scrape(addr).await;
+    assert!(
+        sample(&after, "wsgate_connections_closed_total", "code=\"1009\"").unwrap_or(0.0) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, "wsgate_messages_received_total", "").unwrap_or(0.0) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, "wsgate_connections_opened_total", "").unwrap_or(0.0) >= 3.0,
+        "{after}"
+    );
     assert_eq!(
         sample(&after, "wsgate_connections", "node=\"metrics-a\""),
         Some(2.0),

@@ -128,6 +128,13 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         (!echo).then_some(settings.heartbeat_interval),
     ));
 
+    if let Err(refused) = &start.admission {
+        let reason = match refused.close {
+            CloseCode::Unauthorized => "unauthorized",
+            _ => "full",
+        };
+        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+    }
     let _slot = match start.admission {
         Ok(slot) => slot,
         Err(refused) if echo => {
@@ -181,7 +188,12 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         settings.max_message_size,
         start.deflate.is_some(),
     );
+    metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
     let exit = session.read_loop(reader, &mut writer).await;
+    if let Exit::Close(code, ..) = &exit {
+        metrics::counter!(crate::metrics::CONNECTIONS_CLOSED, "code" => code.as_u16().to_string())
+            .increment(1);
+    }
 
     match exit {
         Exit::Close(code, reason, _) if echo => outbound.close_bare(code, &reason),
@@ -335,6 +347,7 @@ impl Session {
 
     /// Handles one complete client text message.
     async fn handle_text(&mut self, text: &str) {
+        metrics::counter!(crate::metrics::MESSAGES_RECEIVED).increment(1);
         if let Err(wait) = self.bucket.try_take(std::time::Instant::now()) {
             let retry_ms = wait.as_millis().max(1) as u64;
             let body = ErrorBody::new(
