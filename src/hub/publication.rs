@@ -30,14 +30,19 @@ pub struct DeflateParams {
 #[derive(Debug, Clone)]
 pub struct SharedFrame {
     plain: Bytes,
-    compressed: Arc<OnceLock<Bytes>>,
+    /// One compressed frame per server window size a recipient negotiated (9 to 15 bits; 15,
+    /// the default, is the one nearly everybody shares).
+    compressed: Arc<[OnceLock<Bytes>; WINDOW_SIZES]>,
 }
+
+/// Server window sizes permessage-deflate can agree on here: 9 to 15 bits.
+const WINDOW_SIZES: usize = 7;
 
 impl SharedFrame {
     pub fn new(plain: Bytes) -> Self {
         SharedFrame {
             plain,
-            compressed: Arc::new(OnceLock::new()),
+            compressed: Arc::new(Default::default()),
         }
     }
 
@@ -47,9 +52,9 @@ impl SharedFrame {
     }
 
     /// The frame for one recipient: compressed when it negotiated deflate (`Some`) and the
-    /// payload is worth it, plain otherwise. Either way a reference count, not a copy, except
-    /// for a recipient that limited the server's window (made for it alone, never shared). The
-    /// plain frame must be a final text or binary frame; the compressed one keeps its opcode.
+    /// payload is worth it, plain otherwise. Either way a reference count, not a copy: each
+    /// window size is compressed at most once. The plain frame must be a final text or binary
+    /// frame; the compressed one keeps its opcode.
     pub fn for_recipient(&self, deflate: Option<DeflateParams>) -> Bytes {
         let Some(params) = deflate else {
             return self.plain.clone();
@@ -65,10 +70,8 @@ impl SharedFrame {
             }
             compressed
         };
-        if params.window_bits < deflate::WINDOW_BITS {
-            return worth_it();
-        }
-        self.compressed.get_or_init(worth_it).clone()
+        let slot = usize::from(params.window_bits.saturating_sub(9)).min(WINDOW_SIZES - 1);
+        self.compressed[slot].get_or_init(worth_it).clone()
     }
 
     /// The compressed frame made with `params`, whether or not deflate makes it any smaller
@@ -258,7 +261,8 @@ mod tests {
             p.frame.plain().as_ptr()
         );
 
-        // A binary frame stays binary when compressed; a limited window gets its own frame.
+        // A binary frame stays binary when compressed; a limited window gets its own frame,
+        // shared by every recipient with that window.
         let binary = SharedFrame::new(frame::frame(frame::OpCode::Binary, &[7u8; 4000]));
         let small_window = DeflateParams {
             window_bits: 9,
@@ -266,10 +270,15 @@ mod tests {
         };
         let c = binary.for_recipient(Some(small_window));
         assert_eq!(c[0], 0xC2, "FIN + RSV1 + binary");
-        assert_ne!(
+        assert_eq!(
             c.as_ptr(),
             binary.for_recipient(Some(small_window)).as_ptr(),
-            "made for that recipient alone"
+            "compressed once per window size"
+        );
+        assert_ne!(
+            c.as_ptr(),
+            binary.for_recipient(Some(params)).as_ptr(),
+            "the 15-bit frame is another one"
         );
         assert_eq!(
             crate::ws::deflate::inflate(frame::payload_of(&c), 10_000).expect("inflates"),

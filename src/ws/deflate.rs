@@ -56,8 +56,8 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 ///
 /// An offer is declined when it repeats or does not know a parameter, gives a bad value, or asks
 /// the server to compress with an 8-bit window (`server_max_window_bits=8`, which zlib cannot
-/// do). A smaller server window (9-14) is honoured: such a connection gets its own compressed
-/// frames, while everybody else shares the one made with the full window.
+/// do). A smaller server window (9-14) is honoured: a message is compressed once per window size
+/// in use, so such connections share theirs just as everybody else shares the full-window one.
 pub fn negotiate<'a>(header_values: impl IntoIterator<Item = &'a str>) -> Option<Agreement> {
     header_values
         .into_iter()
