@@ -8,116 +8,15 @@
 //! Needs `python3` with the `websockets` package; `./scripts/test` installs it. When it is missing
 //! this test fails (it does not skip) and says so.
 
-use std::fs::File;
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod interop;
 
-/// How long the binary may take to start answering on its port.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-/// The gateway process; killed when dropped, so a failing assertion does not leak it.
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    log: tempfile::NamedTempFile,
-    _config: tempfile::NamedTempFile,
-}
+use interop::{repo_root, Gateway};
 
 /// The gateway's config file: clients may publish to `chat:*` topics.
 const CONFIG: &str = "namespaces:\n  chat:\n    client_publish: true\n";
-
-impl Gateway {
-    /// Starts the binary on a free loopback port and waits until the port answers.
-    fn start() -> Gateway {
-        let addr = free_port();
-        let log = tempfile::NamedTempFile::new().expect("temp file for the gateway log");
-        let out = log.reopen().expect("reopen the log file");
-        let err = log.reopen().expect("reopen the log file");
-        let config = tempfile::Builder::new()
-            .suffix(".yaml")
-            .tempfile()
-            .expect("temp file for the config");
-        std::fs::write(config.path(), CONFIG).expect("write the config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-        cmd.arg("--config")
-            .arg(config.path())
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--log")
-            .arg("info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        // The run must not depend on the caller's environment (an API key, a Redis URL, ...).
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("WSGATE_") {
-                cmd.env_remove(&key);
-            }
-        }
-        let child = cmd.spawn().expect("spawn the wsgate binary");
-        let mut gw = Gateway {
-            child,
-            addr,
-            log,
-            _config: config,
-        };
-        gw.wait_until_listening();
-        gw
-    }
-
-    fn wait_until_listening(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "wsgate --listen {} exited during start-up ({status}); its output:\n{}",
-                    self.addr,
-                    self.output()
-                );
-            }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "wsgate --listen {} did not answer within {START_TIMEOUT:?}; its output:\n{}",
-                    self.addr,
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// What the gateway printed so far.
-    fn output(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = File::open(self.log.path()) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A loopback port nobody listens on right now: bind port 0, note the port, let it go.
-fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address")
-}
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Fails (never skips) when python3 or its `websockets` package is missing.
 fn require_python_websockets() {
@@ -148,7 +47,13 @@ fn python_websockets_client_talks_to_the_binary() {
         script.display()
     );
 
-    let gw = Gateway::start();
+    let config = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp file for the config");
+    std::fs::write(config.path(), CONFIG).expect("write the config");
+    let config_path = config.path().to_string_lossy().to_string();
+    let gw = Gateway::start(&["--config", &config_path]);
     let url = format!("ws://{}", gw.addr);
     let out = Command::new("python3")
         .arg(&script)
