@@ -28,6 +28,8 @@
 //! Run: `cargo bench --bench deflate_fanout` (shorter: `cargo bench --bench deflate_fanout --
 //! --warm-up-time 1 --measurement-time 3`).
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -236,23 +238,6 @@ fn compress_group(c: &mut Criterion) {
     group.finish();
 }
 
-/// Whether this is a `--bench` run (not `cargo test`'s quick check of bench targets) whose name
-/// filter, if any, can select the fan-out benchmarks.
-fn summary_selected() -> bool {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        return false;
-    }
-    let words: Vec<&String> = args
-        .iter()
-        .filter(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
-        .collect();
-    words.is_empty()
-        || words
-            .iter()
-            .any(|w| "deflate_fanout/deliver_10000".contains(w.as_str()))
-}
-
 /// Plain and compressed fan-outs, interleaved round by round so that both see the same machine
 /// state; prints the medians in ns (thread CPU time) per delivery and the ratio.
 fn print_summary() {
@@ -342,7 +327,7 @@ fn main() {
     deliver_group(&mut c);
     compress_group(&mut c);
     c.final_summary();
-    if summary_selected() {
+    if common::run_selects("deflate_fanout/deliver_10000") {
         print_summary();
     }
 }

@@ -25,6 +25,8 @@
 //! Run: `cargo bench --bench hot_path` (shorter: `cargo bench --bench hot_path -- --warm-up-time 1
 //! --measurement-time 3`; one group: `cargo bench --bench hot_path -- hub_fanout`).
 
+mod common;
+
 use std::borrow::Cow;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -381,24 +383,6 @@ fn hub_fanout(c: &mut Criterion) {
     group.finish();
 }
 
-/// Whether the command line's name filter (if any) can select `hub_fanout`, and this is a
-/// `--bench` run (not `cargo test`'s quick check of bench targets).
-fn fanout_selected() -> bool {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        return false;
-    }
-    // Positional words that are not option values (numbers) act as name filters.
-    let words: Vec<&String> = args
-        .iter()
-        .filter(|a| !a.starts_with('-') && a.parse::<f64>().is_err())
-        .collect();
-    words.is_empty()
-        || words
-            .iter()
-            .any(|w| "hub_fanout/deliver_10000_subscribers".contains(w.as_str()))
-}
-
 /// A plain timing loop, independent of criterion's statistics: the median of several rounds of
 /// `DELIVERIES_PER_HUB` fan-outs, in nanoseconds per delivery.
 fn print_fanout_summary() {
@@ -434,7 +418,7 @@ fn main() {
     publication_encode(&mut c);
     hub_fanout(&mut c);
     c.final_summary();
-    if fanout_selected() {
+    if common::run_selects("hub_fanout/deliver_10000_subscribers") {
         print_fanout_summary();
     }
 }
