@@ -14,3 +14,20 @@ pub fn run_selects(id: &str) -> bool {
         .collect();
     words.is_empty() || words.iter().any(|w| id.contains(w.as_str()))
 }
+
+/// A 1001-byte publication `data`: a route update, realistic nested JSON.
+pub const ROUTE_UPDATE_1001B: &str = concat!(
+    r#"{"type":"route_update","routeId":"rt-5f2c9a0e","status":"ACTIVE","version":42"#,
+    r#","updatedAt":"2026-11-23T10:15:32.123Z","driver":{"id":"drv-1093""#,
+    r#","name":"Ana M\u00fcller","vehicle":{"plate":"B-WS 4711","model":"eSprinter""#,
+    r#","capacityKg":1200,"electric":true}},"stops":[{"seq":1,"id":"st-001","name":"Depot Nord""#,
+    r#","lat":52.5561,"lon":13.3472,"eta":"2026-11-23T10:30:00Z","status":"DONE","parcels":12}"#,
+    r#",{"seq":2,"id":"st-002","name":"Friedrichstra\u00dfe 44","lat":52.5079,"lon":13.3904"#,
+    r#","eta":"2026-11-23T10:52:00Z","status":"DONE","parcels":3},{"seq":3,"id":"st-003""#,
+    r#","name":"Alexanderplatz 1","lat":52.5219,"lon":13.4132,"eta":"2026-11-23T11:10:00Z""#,
+    r#","status":"PENDING","parcels":5},{"seq":4,"id":"st-004","name":"Warschauer Str. 70""#,
+    r#","lat":52.5058,"lon":13.4491,"eta":"2026-11-23T11:34:00Z","status":"PENDING""#,
+    r#","parcels":1}],"tags":["express","cold-chain","priority:high","zone:mitte"]"#,
+    r#","metrics":{"distanceKm":38.7,"durationMin":95,"onTimeRate":0.97"#,
+    r#","delays":[{"stop":"st-002","minutes":4,"reason":"traffic"}]}}"#,
+);

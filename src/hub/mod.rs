@@ -227,11 +227,6 @@ impl Hub {
         self.close_where(|c| &*c.client_id == client_id, code, reason)
     }
 
-    /// Closes one connection by id; returns whether it was here.
-    pub fn disconnect_connection(&self, id: ConnId, code: CloseCode, reason: &str) -> bool {
-        self.close_where(|c| c.id == id, code, reason) > 0
-    }
-
     /// Closes every local connection (shutdown).
     pub fn disconnect_all(&self, code: CloseCode, reason: &str) -> usize {
         self.close_where(|_| true, code, reason)

@@ -153,17 +153,6 @@ impl Outbound {
         drop(st);
         self.wake.notify_one();
     }
-
-    /// Whether a close has been requested or the writer has ended.
-    pub fn is_closing(&self) -> bool {
-        let st = self.state.lock();
-        st.closing.is_some() || st.finished
-    }
-
-    /// Bytes queued or in flight.
-    pub fn queued_bytes(&self) -> usize {
-        self.state.lock().bytes
-    }
 }
 
 fn farewell(code: CloseCode, reason: &str, discard_queue: bool) -> Closing {

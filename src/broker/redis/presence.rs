@@ -170,6 +170,24 @@ struct RegistryValue {
 /// Single-key commands (key, command) to run, by shard.
 type PerShard = HashMap<usize, Vec<(String, redis::Cmd)>>;
 
+/// Queues `verb <topic's presence key> <args...>` on the shard that holds `topic`.
+fn queue_topic_cmd(
+    per_shard: &mut PerShard,
+    shards: usize,
+    topic: &str,
+    verb: &str,
+    args: impl FnOnce(&mut redis::Cmd),
+) {
+    let key = topic_presence_key(topic);
+    let mut cmd = redis::cmd(verb);
+    cmd.arg(&key);
+    args(&mut cmd);
+    per_shard
+        .entry(shard_of(topic, shards))
+        .or_default()
+        .push((key, cmd));
+}
+
 /// What this node wrote, to write it again after Redis lost it.
 #[derive(Default)]
 struct LocalState {
@@ -381,27 +399,18 @@ impl Presence {
                     if entries.is_empty() {
                         continue;
                     }
-                    let key = topic_presence_key(topic);
-                    let mut cmd = redis::cmd("HSET");
-                    cmd.arg(&key);
-                    for (field, value) in entries {
-                        cmd.arg(field).arg(value);
-                    }
-                    per_shard
-                        .entry(shard_of(topic, shards))
-                        .or_default()
-                        .push((key, cmd));
+                    queue_topic_cmd(&mut per_shard, shards, topic, "HSET", |cmd| {
+                        for (field, value) in entries {
+                            cmd.arg(field).arg(value);
+                        }
+                    });
                 }
                 for (topic, field) in &leaves {
                     let still_joined = topics.get(topic).is_some_and(|e| e.contains_key(field));
                     if !still_joined {
-                        let key = topic_presence_key(topic);
-                        let mut cmd = redis::cmd("HDEL");
-                        cmd.arg(&key).arg(field);
-                        per_shard
-                            .entry(shard_of(topic, shards))
-                            .or_default()
-                            .push((key, cmd));
+                        queue_topic_cmd(&mut per_shard, shards, topic, "HDEL", |cmd| {
+                            cmd.arg(field);
+                        });
                     }
                 }
                 self.run_per_shard(per_shard).await
@@ -698,13 +707,9 @@ impl Presence {
                     .flat_map(|(t, e)| e.keys().map(move |f| (t.as_str(), f.as_str())))
                     .chain(leaves.iter().map(|(t, f)| (t.as_str(), f.as_str())));
                 for (topic, field) in fields {
-                    let key = topic_presence_key(topic);
-                    let mut cmd = redis::cmd("HDEL");
-                    cmd.arg(&key).arg(field);
-                    per_shard
-                        .entry(shard_of(topic, shards))
-                        .or_default()
-                        .push((key, cmd));
+                    queue_topic_cmd(&mut per_shard, shards, topic, "HDEL", |cmd| {
+                        cmd.arg(field);
+                    });
                 }
                 self.run_per_shard(per_shard).await
             })
