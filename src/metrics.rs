@@ -13,7 +13,8 @@ use crate::node::NodeContext;
 
 /// Connections accepted (upgrade completed and admitted).
 pub const CONNECTIONS_OPENED: &str = "wsgate_connections_opened_total";
-/// Connections refused after the upgrade; label `reason`: `unauthorized`, `full`.
+/// Connections refused; label `reason`: `unauthorized`, `full`, `per_user` (after the upgrade),
+/// `per_ip_rate`, `per_ip` (an HTTP 429 before it).
 pub const CONNECTIONS_REFUSED: &str = "wsgate_connections_refused_total";
 /// Connections the server closed on purpose (limits, protocol errors, idle); label `code`.
 pub const CONNECTIONS_CLOSED: &str = "wsgate_connections_closed_total";

@@ -13,11 +13,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::Authenticator;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::hub::Hub;
+use crate::limits::peer::PeerLimits;
 use crate::limits::ConnectionSlots;
 use crate::protocol::codes::CloseCode;
 
@@ -27,9 +29,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// State shared by every connection and request of one node.
 pub struct NodeContext {
     pub settings: Arc<Settings>,
+    /// Verifies client tokens (keys loaded once at start).
+    pub auth: Authenticator,
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub slots: Arc<ConnectionSlots>,
+    /// Connection limits per client address and per user.
+    pub peers: Arc<PeerLimits>,
     pub started_at: Instant,
     shutting_down: AtomicBool,
 }
@@ -47,6 +53,8 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot load the JWT keys: {0}")]
+    AuthKeys(#[from] crate::auth::KeyError),
     #[error("cannot start the broker: {0}")]
     Broker(#[from] crate::broker::BrokerError),
     #[error("cannot install signal handlers: {0}")]
@@ -63,6 +71,7 @@ pub struct RunningNode {
 
 /// Binds the listener and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
+    let auth = Authenticator::from_settings(&settings.auth)?;
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|source| NodeError::Bind {
@@ -86,7 +95,10 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         let broker = RedisBroker::start(&settings, Arc::clone(&hub), Arc::clone(&slots))?;
         (Arc::new(broker), slots)
     };
+    let peers = PeerLimits::new(&settings.ws.peer_limits);
     let ctx = Arc::new(NodeContext {
+        peers,
+        auth,
         slots,
         settings: Arc::new(settings),
         hub,

@@ -544,12 +544,8 @@ async fn seq_is_cluster_wide() {
     let redis = RedisServer::start();
     let urls = [redis.url()];
     let chat_ok = |s: &mut wsgate::config::Settings| {
-        s.namespaces.insert(
-            "chat".into(),
-            NamespaceSettings {
-                client_publish: true,
-            },
-        );
+        s.namespaces
+            .insert("chat".into(), NamespaceSettings::open_publish());
     };
     let a = cluster_node_with(&urls, "a", chat_ok).await;
     let b = cluster_node_with(&urls, "b", chat_ok).await;

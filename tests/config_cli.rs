@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use wsgate::config::cli::{check_config, resolve, summary};
-use wsgate::config::{Cli, Command, ConfigError, FileConfig, RunArgs, Settings};
+use wsgate::config::{Access, Cli, Command, ConfigError, FileConfig, RunArgs, Settings};
+
+fn keys(s: &Settings) -> Vec<&str> {
+    s.api_keys.iter().map(|k| k.expose()).collect()
+}
 
 fn apply(yaml: &str) -> Result<Settings, ConfigError> {
     let mut settings = Settings::default();
@@ -102,11 +106,14 @@ shutdown: { drain_seconds: 12 }
     assert_eq!(s.ws.rate_burst, 40);
     assert_eq!(s.ws.allowed_origins, vec!["https://app.example.com"]);
     assert!(s.ws.allow_client_broadcast);
-    assert!(s.namespace_of("chat:room1").client_publish);
-    assert!(!s.namespace_of("alerts:cpu").client_publish);
+    assert_eq!(s.namespace_of("chat:room1").publish, Access::Anyone);
+    assert_eq!(s.namespace_of("alerts:cpu").publish, Access::Nobody);
     assert_eq!(s.redis_urls, vec!["redis://127.0.0.1:6379"]);
-    assert_eq!(s.jwt_secret.as_deref(), Some("s3cret"));
-    assert_eq!(s.api_keys, vec!["k1", "k2"]);
+    assert_eq!(
+        s.auth.jwt_secret.as_ref().map(|k| k.expose()),
+        Some("s3cret")
+    );
+    assert_eq!(keys(&s), ["k1", "k2"]);
     assert!(!s.compression.enabled);
     assert_eq!(s.compression.level, 6);
     assert_eq!(s.compression.threshold, 512);
@@ -303,7 +310,7 @@ fn cli_env_and_flag_precedence() {
     let s = resolve(&cli.run).expect("resolve flags");
     assert_eq!(s.listen, addr("127.0.0.1:9100"));
     assert_eq!(s.node_id, "flag-node");
-    assert_eq!(s.api_keys, vec!["k1", "k2"]);
+    assert_eq!(keys(&s), ["k1", "k2"]);
     assert!(!s.compression.enabled);
     assert_eq!(s.drain, Duration::from_secs(3));
     assert_eq!(s.ws.max_connections, 100, "from the file");
@@ -346,7 +353,10 @@ fn cli_env_and_flag_precedence() {
         s.redis_urls.is_empty(),
         "empty env list clears the file's URLs"
     );
-    assert_eq!(s.jwt_secret.as_deref(), Some("env-secret-value"));
+    assert_eq!(
+        s.auth.jwt_secret.as_ref().map(|k| k.expose()),
+        Some("env-secret-value")
+    );
     assert_eq!(s.drain, Duration::from_secs(5), "file beats default");
 
     // Help names every env var and never shows the secret's value.
@@ -368,4 +378,114 @@ fn cli_env_and_flag_precedence() {
     }
     assert!(!help.contains("env-secret-value"), "{help}");
     assert!(help.contains("WebSocket gateway"), "{help}");
+}
+
+#[test]
+fn security_settings_from_the_file() {
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+    let yaml = format!(
+        "websocket:
+  per_ip: {{ max_connections: 20, connect_rate: {{ per_second: 5, burst: 10 }} }}
+  per_user: {{ max_connections: 3 }}
+  trusted_proxies: [10.0.0.0/8, 127.0.0.1]
+namespaces:
+  chat: {{ subscribe: granted, publish: authenticated, presence: false }}
+  news: {{ client_publish: true }}
+default_namespace: {{ subscribe: authenticated }}
+auth:
+  jwt_secret: s3cret
+  public_keys: [{{ file: {keys}/rsa_public.pem }}, {{ file: {keys}/ed25519_public.pem, kid: ed }}]
+  jwks_file: {keys}/jwks.json
+  algorithms: [HS256, RS256, EdDSA]
+  leeway: 5s
+  max_token_bytes: 4096
+  topics_claim: perms
+  audience: app
+  issuer: https://issuer.example
+"
+    );
+    let file = yaml_file(&yaml);
+    let s = check_config(file.path()).expect("valid file, keys readable");
+    let peers = &s.ws.peer_limits;
+    assert_eq!(peers.max_connections_per_ip, 20);
+    assert_eq!(
+        (peers.connect_rate_per_ip, peers.connect_burst_per_ip),
+        (5.0, 10)
+    );
+    assert_eq!(peers.max_connections_per_user, 3);
+    assert_eq!(peers.trusted_proxies.len(), 2);
+    let chat = s.namespace_of("chat:1");
+    assert_eq!(
+        (chat.subscribe, chat.publish, chat.presence),
+        (Access::Granted, Access::Authenticated, false)
+    );
+    assert_eq!(s.namespace_of("news:1").publish, Access::Anyone);
+    assert_eq!(s.namespace_of("other").subscribe, Access::Authenticated);
+    assert!(s.auth.enabled());
+    assert_eq!(s.auth.public_keys[1].kid.as_deref(), Some("ed"));
+    assert_eq!(s.auth.algorithms, ["HS256", "RS256", "EdDSA"]);
+    assert_eq!(s.auth.leeway, Duration::from_secs(5));
+    assert_eq!(s.auth.topics_claim, "perms");
+    assert_eq!(s.auth.audience.as_deref(), Some("app"));
+    // The summary says auth is on without printing the secret.
+    let text = summary(&s);
+    assert!(
+        text.contains("jwt auth: on (secret, 2 PEM key(s), JWKS file"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(
+        !format!("{s:?}").contains("s3cret"),
+        "Debug of the settings shows the secret"
+    );
+}
+
+#[test]
+fn security_settings_that_cannot_work_are_named() {
+    let bad_access = apply("namespaces:\n  chat: { subscribe: everyone }\n").expect_err("bad");
+    assert!(
+        bad_access.to_string().contains("namespaces.chat.subscribe"),
+        "{bad_access}"
+    );
+    let bad_proxy = apply("websocket:\n  trusted_proxies: [not-an-ip]\n").expect_err("bad");
+    assert!(
+        bad_proxy.to_string().contains("websocket.trusted_proxies"),
+        "{bad_proxy}"
+    );
+
+    let file = yaml_file("auth:\n  algorithms: [HS256, none]\n  jwt_secret: x\n");
+    let msg = check_config(file.path()).expect_err("alg none").to_string();
+    assert!(
+        msg.contains("auth.algorithms") && msg.contains("\"none\""),
+        "{msg}"
+    );
+
+    let file = yaml_file("auth:\n  public_keys: [{ file: /nonexistent/key.pem }]\n");
+    let msg = check_config(file.path())
+        .expect_err("missing key file")
+        .to_string();
+    assert!(msg.contains("/nonexistent/key.pem"), "{msg}");
+
+    let not_a_key = yaml_file("just text");
+    let yaml = format!(
+        "auth:\n  public_keys: [{{ file: {} }}]\n",
+        not_a_key.path().display()
+    );
+    let msg = check_config(yaml_file(&yaml).path())
+        .expect_err("not a key")
+        .to_string();
+    assert!(
+        msg.contains("not an RSA, EC or Ed25519 public key"),
+        "{msg}"
+    );
+
+    // Only an RSA key, but only HMAC allowed: no token could ever verify.
+    let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+    let yaml = format!(
+        "auth:\n  public_keys: [{{ file: {keys}/rsa_public.pem }}]\n  algorithms: [HS256]\n"
+    );
+    let msg = check_config(yaml_file(&yaml).path())
+        .expect_err("unusable")
+        .to_string();
+    assert!(msg.contains("allows none of the configured keys"), "{msg}");
 }

@@ -580,7 +580,7 @@ ws_test! {
 ws_test! {
     async fn client_publish_allowed_by_namespace() {
         let node = start_node(|s| {
-            s.namespaces.insert("chat".into(), NamespaceSettings { client_publish: true });
+            s.namespaces.insert("chat".into(), NamespaceSettings::open_publish());
         })
         .await;
         let addr = node.local_addr;
@@ -621,7 +621,7 @@ ws_test! {
 ws_test! {
     async fn client_publish_with_top_level_topic_sends_data_as_the_payload() {
         let node = start_node(|s| {
-            s.namespaces.insert("chat".into(), NamespaceSettings { client_publish: true });
+            s.namespaces.insert("chat".into(), NamespaceSettings::open_publish());
         })
         .await;
         let addr = node.local_addr;
@@ -641,7 +641,7 @@ ws_test! {
 ws_test! {
     async fn client_publish_without_topic_is_invalid_format() {
         let node = start_node(|s| {
-            s.namespaces.insert("chat".into(), NamespaceSettings { client_publish: true });
+            s.namespaces.insert("chat".into(), NamespaceSettings::open_publish());
         })
         .await;
         let (mut c, _) = connect(node.local_addr, "/ws").await;
@@ -656,7 +656,7 @@ ws_test! {
 ws_test! {
     async fn client_publish_with_bad_topic_name_is_invalid_topic() {
         let node = start_node(|s| {
-            s.namespaces.insert("chat".into(), NamespaceSettings { client_publish: true });
+            s.namespaces.insert("chat".into(), NamespaceSettings::open_publish());
         })
         .await;
         let (mut c, _) = connect(node.local_addr, "/ws").await;

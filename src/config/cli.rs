@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use super::file::{parse_listen, split_list, ConfigError, FileConfig};
-use super::Settings;
+use super::{Secret, Settings};
 
 const ABOUT: &str = "wsgate: a horizontally scaled WebSocket gateway";
 
@@ -154,10 +154,10 @@ impl RunArgs {
         }
         if let Some(secret) = &self.jwt_secret {
             // An empty secret stays empty so validate() refuses it: never silently run without auth.
-            settings.jwt_secret = Some(secret.clone());
+            settings.auth.jwt_secret = Some(Secret::from(secret.as_str()));
         }
         if let Some(keys) = &self.api_keys {
-            settings.api_keys = clean_list(keys);
+            settings.api_keys = clean_list(keys).into_iter().map(Secret::from).collect();
         }
         if let Some(on) = self.compression {
             settings.compression.enabled = on;
@@ -207,7 +207,17 @@ pub fn check_config(path: &Path) -> Result<Settings, ConfigError> {
 }
 
 fn validated(settings: Settings) -> Result<Settings, ConfigError> {
-    let problems = settings.validate();
+    let mut problems = settings.validate();
+    if problems.is_empty() {
+        // Key files are read here too, so a missing or malformed one is reported with the rest
+        // rather than when the node starts.
+        if let Err(e) = crate::auth::Authenticator::from_settings(&settings.auth) {
+            problems.push(super::SettingsProblem {
+                path: "auth".into(),
+                problem: e.to_string(),
+            });
+        }
+    }
     if problems.is_empty() {
         Ok(settings)
     } else {
@@ -221,7 +231,12 @@ pub fn summary(settings: &Settings) -> String {
     let broker = if settings.redis_urls.is_empty() {
         "in-process (single node)".to_string()
     } else {
-        format!("redis {}", settings.redis_urls.join(", "))
+        let urls: Vec<String> = settings
+            .redis_urls
+            .iter()
+            .map(|u| super::secret::redact_url(u))
+            .collect();
+        format!("redis {}", urls.join(", "))
     };
     let scope = if settings.redis_urls.is_empty() {
         "node-wide"
@@ -239,17 +254,31 @@ pub fn summary(settings: &Settings) -> String {
         format!("paths: {}", settings.ws.paths.join(", ")),
         format!("max_connections: {} ({scope})", settings.ws.max_connections),
         format!("broker: {broker}"),
-        format!(
-            "jwt auth: {}",
-            if settings.jwt_secret.is_some() {
-                "on (HS256)"
-            } else {
-                "off"
-            }
-        ),
+        format!("jwt auth: {}", auth_summary(&settings.auth)),
         format!("http api: {api}"),
     ]
     .join("\n")
+}
+
+/// Which key sources turn JWT auth on, e.g. `on (secret, 2 PEM keys, JWKS file)`.
+fn auth_summary(auth: &super::AuthSettings) -> String {
+    if !auth.enabled() {
+        return "off (user_id taken from the query)".into();
+    }
+    let mut sources = Vec::new();
+    if auth.jwt_secret.is_some() {
+        sources.push("secret".to_string());
+    }
+    if !auth.public_keys.is_empty() {
+        sources.push(format!("{} PEM key(s)", auth.public_keys.len()));
+    }
+    if auth.jwks_file.is_some() {
+        sources.push("JWKS file".into());
+    }
+    if !auth.algorithms.is_empty() {
+        sources.push(format!("algorithms {}", auth.algorithms.join("/")));
+    }
+    format!("on ({})", sources.join(", "))
 }
 
 #[cfg(test)]

@@ -18,6 +18,18 @@
 //!   heartbeat_interval: 25s     # durations: 500ms, 25s, 2m, 1h
 //!   rate_limit: { per_second: 50, burst: 100 }
 //!   echo_path: /echo            # conformance-testing echo endpoint; absent: off
+//!   per_ip: { max_connections: 100, connect_rate: { per_second: 10, burst: 20 } }
+//!   per_user: { max_connections: 10 }
+//!   trusted_proxies: [10.0.0.0/8]  # whose X-Forwarded-For names the client
+//! namespaces:
+//!   chat: { subscribe: authenticated, publish: granted, presence: true }
+//! auth:
+//!   jwt_secret: change-me       # HS256/384/512
+//!   public_keys: [{ file: keys/rs256.pem, kid: k1 }]   # RSA, EC or Ed25519 PEM
+//!   jwks_file: keys/jwks.json
+//!   algorithms: [HS256, RS256]  # empty: every algorithm of the configured key types
+//!   leeway: 30s
+//!   topics_claim: topics
 //! redis:
 //!   url: redis://127.0.0.1:6379 # or a list of URLs (sharding)
 //!   cluster: false              # true: the URLs are Redis Cluster seed nodes
@@ -35,7 +47,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{NamespaceSettings, Settings, SettingsProblem};
+use super::{Access, NamespaceSettings, PublicKeySource, Secret, Settings, SettingsProblem};
 
 /// Why settings could not be loaded or cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +179,25 @@ pub struct WebsocketFile {
     pub allow_client_broadcast: Option<bool>,
     /// Echo endpoint for conformance testing (e.g. `/echo`); absent: off.
     pub echo_path: Option<String>,
+    pub per_ip: Option<PerIpFile>,
+    pub per_user: Option<PerUserFile>,
+    /// Addresses or CIDR ranges of proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Option<Vec<String>>,
+}
+
+/// `websocket.per_ip:` — limits per client address.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerIpFile {
+    pub max_connections: Option<usize>,
+    pub connect_rate: Option<RateLimitFile>,
+}
+
+/// `websocket.per_user:` — limits per user id.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerUserFile {
+    pub max_connections: Option<usize>,
 }
 
 /// `websocket.rate_limit:` — per-connection inbound token bucket.
@@ -181,7 +212,13 @@ pub struct RateLimitFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceFile {
+    /// Shorthand: `true` is `publish: anyone`, `false` is `publish: nobody`.
     pub client_publish: Option<bool>,
+    /// `anyone`, `authenticated`, `granted` or `nobody`.
+    pub subscribe: Option<String>,
+    /// `anyone`, `authenticated`, `granted` or `nobody`.
+    pub publish: Option<String>,
+    pub presence: Option<bool>,
 }
 
 /// `redis:` — absent (or an empty URL list) means the embedded in-process broker.
@@ -204,8 +241,26 @@ pub struct RedisFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
-    /// HS256 secret; setting it turns JWT authentication on.
+    /// HMAC secret; setting it (or any key) turns JWT authentication on.
     pub jwt_secret: Option<String>,
+    pub public_keys: Option<Vec<PublicKeyFile>>,
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_string_list")]
+    pub algorithms: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub leeway: Option<Duration>,
+    pub max_token_bytes: Option<usize>,
+    pub topics_claim: Option<String>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+}
+
+/// One entry of `auth.public_keys:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyFile {
+    pub file: PathBuf,
+    pub kid: Option<String>,
 }
 
 /// `api:`
@@ -289,12 +344,13 @@ impl FileConfig {
                             .into(),
                     });
                 }
+                let key = format!("namespaces.{name}");
                 let entry = settings.namespaces.entry(name).or_default();
-                ns.apply_to(entry);
+                ns.apply_to(entry, &key)?;
             }
         }
         if let Some(ns) = self.default_namespace {
-            ns.apply_to(&mut settings.default_namespace);
+            ns.apply_to(&mut settings.default_namespace, "default_namespace")?;
         }
         if let Some(redis) = self.redis {
             if let Some(urls) = redis.url {
@@ -305,11 +361,11 @@ impl FileConfig {
             set(&mut settings.redis.lease_ttl, redis.lease_ttl);
             set(&mut settings.redis.admission_block, redis.admission_block);
         }
-        if let Some(secret) = self.auth.and_then(|a| a.jwt_secret) {
-            settings.jwt_secret = Some(secret);
+        if let Some(auth) = self.auth {
+            auth.apply_to(settings);
         }
         if let Some(keys) = self.api.and_then(|a| a.keys) {
-            settings.api_keys = keys;
+            settings.api_keys = keys.into_iter().map(Secret::from).collect();
         }
         if let Some(c) = self.compression {
             set(&mut settings.compression.enabled, c.enable);
@@ -347,13 +403,92 @@ impl WebsocketFile {
         if let Some(path) = self.echo_path {
             ws.echo_path = Some(path);
         }
+        let peers = &mut ws.peer_limits;
+        if let Some(per_ip) = self.per_ip {
+            set(&mut peers.max_connections_per_ip, per_ip.max_connections);
+            if let Some(rate) = per_ip.connect_rate {
+                set(&mut peers.connect_rate_per_ip, rate.per_second);
+                set(&mut peers.connect_burst_per_ip, rate.burst);
+            }
+        }
+        if let Some(per_user) = self.per_user {
+            set(
+                &mut peers.max_connections_per_user,
+                per_user.max_connections,
+            );
+        }
+        if let Some(proxies) = self.trusted_proxies {
+            peers.trusted_proxies = proxies
+                .iter()
+                .map(|p| parse_net(p))
+                .collect::<Result<_, _>>()
+                .map_err(|problem| ConfigError::Invalid {
+                    key: "websocket.trusted_proxies".into(),
+                    problem,
+                })?;
+        }
         Ok(())
     }
 }
 
+/// An address (`10.0.0.1`, a single host) or a CIDR range (`10.0.0.0/8`).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR range"))
+}
+
 impl NamespaceFile {
-    fn apply_to(self, ns: &mut NamespaceSettings) {
-        set(&mut ns.client_publish, self.client_publish);
+    fn apply_to(self, ns: &mut NamespaceSettings, key: &str) -> Result<(), ConfigError> {
+        let access = |field: &str, value: &str| {
+            Access::parse(value).ok_or_else(|| ConfigError::Invalid {
+                key: format!("{key}.{field}"),
+                problem: format!("{value:?} is not one of anyone, authenticated, granted, nobody"),
+            })
+        };
+        if let Some(open) = self.client_publish {
+            ns.publish = if open { Access::Anyone } else { Access::Nobody };
+        }
+        if let Some(v) = self.subscribe {
+            ns.subscribe = access("subscribe", &v)?;
+        }
+        if let Some(v) = self.publish {
+            ns.publish = access("publish", &v)?;
+        }
+        set(&mut ns.presence, self.presence);
+        Ok(())
+    }
+}
+
+impl AuthFile {
+    fn apply_to(self, settings: &mut Settings) {
+        let auth = &mut settings.auth;
+        if let Some(secret) = self.jwt_secret {
+            auth.jwt_secret = Some(Secret::from(secret));
+        }
+        if let Some(keys) = self.public_keys {
+            auth.public_keys = keys
+                .into_iter()
+                .map(|k| PublicKeySource {
+                    path: k.file,
+                    kid: k.kid,
+                })
+                .collect();
+        }
+        if let Some(path) = self.jwks_file {
+            auth.jwks_file = Some(path);
+        }
+        set(&mut auth.algorithms, self.algorithms);
+        set(&mut auth.leeway, self.leeway);
+        set(&mut auth.max_token_bytes, self.max_token_bytes);
+        set(&mut auth.topics_claim, self.topics_claim);
+        if let Some(aud) = self.audience {
+            auth.audience = Some(aud);
+        }
+        if let Some(iss) = self.issuer {
+            auth.issuer = Some(iss);
+        }
     }
 }
 

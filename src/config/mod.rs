@@ -7,10 +7,14 @@
 
 pub mod cli;
 pub mod file;
+pub mod secret;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+
+pub use secret::Secret;
 
 /// Everything a node needs to run, fully resolved (no `Option` means "use a default" here).
 #[derive(Debug, Clone)]
@@ -28,10 +32,10 @@ pub struct Settings {
     pub redis_urls: Vec<String>,
     /// How the Redis broker behaves (ignored without `redis_urls`).
     pub redis: RedisSettings,
-    /// HS256 secret; `Some` turns JWT authentication on (verified in `auth`).
-    pub jwt_secret: Option<String>,
+    /// How clients prove who they are (JWT keys and validation); no key at all: auth off.
+    pub auth: AuthSettings,
     /// HTTP API keys; empty means the API answers loopback peers only.
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<Secret>,
     pub compression: CompressionSettings,
     /// How long a SIGTERM drain spreads its disconnects.
     pub drain: Duration,
@@ -69,13 +73,141 @@ pub struct WsSettings {
     /// A path whose upgrades run an echo session (every message sent back as-is, no JSON
     /// protocol) for conformance testing, e.g. the Autobahn suite; `None` (the default): off.
     pub echo_path: Option<String>,
+    /// Limits per client address and per user, against floods and runaway clients.
+    pub peer_limits: PeerLimitSettings,
+}
+
+/// Limits per client IP and per user (all off by default: a load balancer or a load rig often
+/// puts many honest clients behind one address; turn them on for a public listener).
+#[derive(Debug, Clone, Default)]
+pub struct PeerLimitSettings {
+    /// Live WebSocket connections one client IP may hold on this node; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// New WebSocket connections per second one client IP may open (token bucket refill);
+    /// 0: no limit.
+    pub connect_rate_per_ip: f64,
+    /// Burst of new connections one client IP may open at once.
+    pub connect_burst_per_ip: u32,
+    /// Live connections one user may hold on this node; 0: no limit.
+    pub max_connections_per_user: usize,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the real client; from
+    /// anyone else the header is ignored and the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Who may do something in a namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Nobody (server-side publishers only).
+    #[default]
+    Nobody,
+    /// Every connected client, with or without a user id.
+    Anyone,
+    /// Clients with a user id (a valid token; with auth off, a `user_id` query parameter).
+    Authenticated,
+    /// Clients whose token's topics claim lists the topic (a pattern that matches it).
+    Granted,
+}
+
+impl Access {
+    /// Parses the config spelling (`nobody`, `anyone`, `authenticated`, `granted`).
+    pub fn parse(s: &str) -> Option<Access> {
+        match s {
+            "nobody" | "none" => Some(Access::Nobody),
+            "anyone" | "all" => Some(Access::Anyone),
+            "authenticated" => Some(Access::Authenticated),
+            "granted" | "claim" => Some(Access::Granted),
+            _ => None,
+        }
+    }
 }
 
 /// What clients may do in one topic namespace.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamespaceSettings {
-    /// Clients may `publish` to topics of this namespace.
-    pub client_publish: bool,
+    /// Who may subscribe to topics of this namespace (default: anyone).
+    pub subscribe: Access,
+    /// Who may `publish` to topics of this namespace (default: nobody).
+    pub publish: Access,
+    /// Whether subscriptions here are recorded in presence (default: on).
+    pub presence: bool,
+}
+
+impl Default for NamespaceSettings {
+    fn default() -> Self {
+        NamespaceSettings {
+            subscribe: Access::Anyone,
+            publish: Access::Nobody,
+            presence: true,
+        }
+    }
+}
+
+impl NamespaceSettings {
+    /// The rules of a namespace where every client may publish (the `client_publish: true` of
+    /// the config file).
+    pub fn open_publish() -> Self {
+        NamespaceSettings {
+            publish: Access::Anyone,
+            ..NamespaceSettings::default()
+        }
+    }
+}
+
+/// JWT authentication. Any key at all (secret, PEM key, JWKS) turns it on.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// HMAC secret (HS256/HS384/HS512); `--jwt-secret`.
+    pub jwt_secret: Option<Secret>,
+    /// PEM public keys: RSA, EC (P-256, P-384) or Ed25519, each optionally named by a `kid`.
+    pub public_keys: Vec<PublicKeySource>,
+    /// A JWKS file (RFC 7517); a token picks its key by `kid`.
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted `alg` values (`HS256`, `RS256`, `ES256`, `EdDSA`, ...). Empty: every algorithm
+    /// of the configured key types. Never taken from the token.
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// Longest accepted token, in bytes.
+    pub max_token_bytes: usize,
+    /// The claim that lists the topic patterns a user may subscribe to and publish on.
+    pub topics_claim: String,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+}
+
+/// One PEM public key file of `auth.public_keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKeySource {
+    pub path: PathBuf,
+    /// Tokens whose header names this `kid` use this key; a key without one serves tokens
+    /// without a `kid`.
+    pub kid: Option<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            jwt_secret: None,
+            public_keys: Vec::new(),
+            jwks_file: None,
+            algorithms: Vec::new(),
+            leeway: Duration::from_secs(30),
+            max_token_bytes: 8 * 1024,
+            topics_claim: "topics".to_string(),
+            audience: None,
+            issuer: None,
+        }
+    }
+}
+
+impl AuthSettings {
+    /// Whether clients must present a token.
+    pub fn enabled(&self) -> bool {
+        self.jwt_secret.is_some() || !self.public_keys.is_empty() || self.jwks_file.is_some()
+    }
 }
 
 /// Redis broker tuning.
@@ -131,6 +263,7 @@ impl Default for WsSettings {
             allowed_origins: Vec::new(),
             allow_client_broadcast: false,
             echo_path: None,
+            peer_limits: PeerLimitSettings::default(),
         }
     }
 }
@@ -155,7 +288,7 @@ impl Default for Settings {
             default_namespace: NamespaceSettings::default(),
             redis_urls: Vec::new(),
             redis: RedisSettings::default(),
-            jwt_secret: None,
+            auth: AuthSettings::default(),
             api_keys: Vec::new(),
             compression: CompressionSettings::default(),
             drain: Duration::from_secs(30),
@@ -283,10 +416,37 @@ impl Settings {
                 "must be at least 300ms (it is renewed every third of it)".into(),
             );
         }
-        if matches!(&self.jwt_secret, Some(s) if s.is_empty()) {
+        if matches!(&self.auth.jwt_secret, Some(s) if s.expose().is_empty()) {
             bad("auth.jwt_secret", "must not be empty when set".into());
         }
-        if self.api_keys.iter().any(String::is_empty) {
+        for alg in &self.auth.algorithms {
+            if crate::auth::parse_algorithm(alg).is_none() {
+                bad(
+                    "auth.algorithms",
+                    format!("{alg:?} is not a JWT algorithm this gateway verifies (HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)"),
+                );
+            }
+        }
+        if self.auth.max_token_bytes < 64 {
+            bad("auth.max_token_bytes", "must be at least 64".into());
+        }
+        if self.auth.topics_claim.is_empty() {
+            bad("auth.topics_claim", "must not be empty".into());
+        }
+        let peers = &self.ws.peer_limits;
+        if peers.connect_rate_per_ip.is_nan() || peers.connect_rate_per_ip < 0.0 {
+            bad(
+                "websocket.per_ip.connect_rate.per_second",
+                "must be 0 (off) or positive".into(),
+            );
+        }
+        if peers.connect_rate_per_ip > 0.0 && peers.connect_burst_per_ip == 0 {
+            bad(
+                "websocket.per_ip.connect_rate.burst",
+                "must be at least 1 when a connect rate is set".into(),
+            );
+        }
+        if self.api_keys.iter().any(|k| k.expose().is_empty()) {
             bad("api.keys", "must not contain an empty key".into());
         }
         problems

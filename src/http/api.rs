@@ -13,7 +13,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::{json_error, json_response, Body};
-use crate::auth::{self, AuthError};
+use crate::auth::{self, ApiAccessError};
 use crate::broker::{BrokerError, Direct, DisconnectTarget, Recipient, TopicMessage};
 use crate::hub::ConnId;
 use crate::node::NodeContext;
@@ -66,7 +66,7 @@ pub async fn handle(
 ) -> Response<Body> {
     if let Err(e) = auth::check_api_access(&ctx.settings, req.headers(), peer) {
         let code = match e {
-            AuthError::NotLoopback => ErrorCode::PermissionDenied,
+            ApiAccessError::NotLoopback => ErrorCode::PermissionDenied,
             _ => ErrorCode::Unauthorized,
         };
         return json_error(code, e.to_string());
@@ -323,6 +323,12 @@ async fn presence(ctx: &NodeContext, req: &Request<Incoming>) -> ApiResult {
         .find(|(k, _)| k == "topic")
         .map(|(_, v)| v.into_owned())
         .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "add ?topic=NAME"))?;
+    if !ctx.settings.namespace_of(&topic).presence {
+        return Err(refuse(
+            ErrorCode::InvalidOperation,
+            format!("presence is off in the namespace of {topic:?}"),
+        ));
+    }
     let members = ctx
         .broker
         .topic_presence(&topic)

@@ -45,10 +45,10 @@ pub async fn serve_connection(ctx: Arc<NodeContext>, stream: TcpStream, peer: So
 async fn route(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     if ctx.settings.ws.paths.iter().any(|p| p == path) {
-        return ws::upgrade::handle(ctx, req, ws::session::SessionKind::Protocol);
+        return ws::upgrade::handle(ctx, req, ws::session::SessionKind::Protocol, peer);
     }
     if ctx.settings.ws.echo_path.as_deref() == Some(path) {
-        return ws::upgrade::handle(ctx, req, ws::session::SessionKind::Echo);
+        return ws::upgrade::handle(ctx, req, ws::session::SessionKind::Echo, peer);
     }
     match path {
         "/healthz" => health::healthz(),
@@ -80,4 +80,10 @@ pub fn json_error(code: ErrorCode, message: impl Into<String>) -> Response<Body>
             .insert("retry-after", HeaderValue::from_static("5"));
     }
     resp
+}
+
+/// An error body (built by the caller, e.g. with `retryAfter`) answered with `status` rather
+/// than its code's own: a refusal before a WebSocket upgrade is a 429 whatever its code.
+pub fn json_error_status(status: StatusCode, body: ErrorBody<'_>) -> Response<Body> {
+    json_response(status, &serde_json::json!({ "error": body }))
 }

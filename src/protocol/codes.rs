@@ -161,12 +161,16 @@ pub enum CloseCode {
     IdleTimeout,
     /// 4003: disconnected by an operator through the HTTP API.
     DisconnectedByServer,
+    /// 4004: the token expired and no `refresh` came in time; reconnect with a fresh token.
+    TokenExpired,
     /// 4008: the client did not read its messages fast enough (send queue over its bound).
     SlowConsumer,
+    /// 4029: this user already holds as many connections as one user may.
+    UserConnectionLimit,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 11] = [
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -177,7 +181,9 @@ impl CloseCode {
         CloseCode::Unauthorized,
         CloseCode::IdleTimeout,
         CloseCode::DisconnectedByServer,
+        CloseCode::TokenExpired,
         CloseCode::SlowConsumer,
+        CloseCode::UserConnectionLimit,
     ];
 
     pub fn as_u16(self) -> u16 {
@@ -192,7 +198,9 @@ impl CloseCode {
             CloseCode::Unauthorized => 4001,
             CloseCode::IdleTimeout => 4002,
             CloseCode::DisconnectedByServer => 4003,
+            CloseCode::TokenExpired => 4004,
             CloseCode::SlowConsumer => 4008,
+            CloseCode::UserConnectionLimit => 4029,
         }
     }
 
@@ -203,13 +211,15 @@ impl CloseCode {
             | CloseCode::InternalError
             | CloseCode::TryAgainLater
             | CloseCode::IdleTimeout
+            | CloseCode::TokenExpired
             | CloseCode::SlowConsumer => true,
             CloseCode::Normal
             | CloseCode::ProtocolError
             | CloseCode::InvalidPayload
             | CloseCode::MessageTooBig
             | CloseCode::Unauthorized
-            | CloseCode::DisconnectedByServer => false,
+            | CloseCode::DisconnectedByServer
+            | CloseCode::UserConnectionLimit => false,
         }
     }
 

@@ -124,8 +124,16 @@ impl<R> FrameGuard<R> {
             diverted: !self.out.is_empty(),
         };
         let mut read = start;
-        // Where the current frame's header began in the output, to take it back on refusal.
-        let mut header_mark: Option<(bool, usize)> = None;
+        // Where the current frame's header began in the output, to take it back on refusal. A
+        // header begun in an earlier read is partly handed up already: its part from this read
+        // is taken back, so fastwebsockets never holds a refused header whole.
+        let mut header_mark: Option<(bool, usize)> = (self.header_len > 0).then(|| {
+            if sink.diverted {
+                (true, self.out.len())
+            } else {
+                (false, start)
+            }
+        });
         while read < buf.len() {
             if self.payload_left > 0 {
                 let n = self.payload_left.min((buf.len() - read) as u64) as usize;
@@ -482,6 +490,41 @@ mod tests {
         let stream = [frame(true, 0x1, 130), frame(true, 0x1, 3)].concat();
         let (out, err) = run(&mut plain(1000), &stream, 1);
         assert_eq!((out, err), (stream, None));
+    }
+
+    /// Found by tests/parsers_proptest.rs: the part of a refused header that arrived in the
+    /// refusing read was handed up, so fastwebsockets had the whole header. It then read an
+    /// empty refused frame as a message, or refused a long one itself (`FrameTooLarge`) instead
+    /// of the guard. At most the bytes of earlier reads may reach it: never a complete header.
+    #[test]
+    fn a_refused_header_split_across_reads_never_reaches_fastwebsockets_whole() {
+        // Unmasked and empty: complete once its second byte is in.
+        let (out, err) = run(&mut plain(1000), &[0x81, 0x00], 1);
+        assert_eq!((out, err), (vec![0x81], Some(GuardError::Unmasked)));
+        // A new message inside an unfinished one, its header split 3 + 3.
+        let mut stream = frame(false, 0x1, 4);
+        let good = stream.len();
+        stream.extend(frame(true, 0x1, 0));
+        for chunk in [1, 3, good + 3] {
+            let (out, err) = run(&mut plain(1000), &stream, chunk);
+            assert!(matches!(err, Some(GuardError::Protocol(_))), "{err:?}");
+            assert!(
+                out.len() < stream.len(),
+                "chunk {chunk}: whole header handed up"
+            );
+            assert_eq!(out[..good], stream[..good], "chunk {chunk}");
+        }
+        // Over the limit, with a 16-bit length (8 header bytes) split 5 + 3.
+        let stream = frame(true, 0x2, 300);
+        let (out, err) = run(&mut plain(200), &stream[..8], 5);
+        assert_eq!(out, stream[..5]);
+        assert_eq!(
+            err,
+            Some(GuardError::MessageTooBig {
+                size: 300,
+                max: 200
+            })
+        );
     }
 
     #[test]

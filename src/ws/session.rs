@@ -22,8 +22,10 @@ use tokio::time::Instant;
 
 use super::guard::{FrameGuard, GuardError};
 use super::writer::{self, Outbound};
+use crate::auth::{self, Action, Credentials, TopicGrants};
 use crate::broker::{Direct, Recipient, TopicMessage, UpstreamMessage};
 use crate::hub::{ConnId, Connection, DeflateParams, SharedFrame};
+use crate::limits::peer::PeerPermits;
 use crate::limits::{Slot, TokenBucket};
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
@@ -34,7 +36,8 @@ use crate::protocol::{filter, topic};
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub client_id: String,
-    pub user_id: Option<String>,
+    /// User id, topic grants and token expiry (all empty with auth off and no `user_id`).
+    pub credentials: Credentials,
 }
 
 /// What a session does with the client's messages.
@@ -65,6 +68,9 @@ pub struct SessionStart {
     /// still completes the upgrade so that browsers, which cannot read an HTTP error body, get
     /// the reason as an `error` message and a close code.
     pub admission: Result<Slot, Refused>,
+    /// The connection's places in its client address's and its user's counts; held until the
+    /// session ends.
+    pub peer_permits: PeerPermits,
 }
 
 /// Why a connection is turned away right after the upgrade.
@@ -107,18 +113,35 @@ enum Exit {
     Gone,
 }
 
+impl Exit {
+    /// How the connection ended, for the log.
+    fn describe(&self) -> String {
+        match self {
+            Exit::Close(code, reason, _) => format!("server closed {}: {reason}", code.as_u16()),
+            Exit::ClientClosed(code) => format!("client closed {code:?}"),
+            Exit::Gone => "connection lost or writer ended".into(),
+        }
+    }
+}
+
 struct Session {
     kind: SessionKind,
     ctx: Arc<NodeContext>,
     conn: Arc<Connection>,
     subscriptions: HashSet<Arc<str>>,
     bucket: TokenBucket,
+    /// Topics the client's token grants (replaced by a `refresh`).
+    grants: TopicGrants,
+    /// When the token runs out unless a `refresh` replaces it; `None` with auth off.
+    expires_at: Option<SystemTime>,
 }
 
 /// Runs a connection to its end.
 pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     let settings = &ctx.settings.ws;
     let echo = start.kind == SessionKind::Echo;
+    // Dropped last, when everything below is done: the address and user get their place back.
+    let _peer_permits = start.peer_permits;
     let (read_half, write_half) = start.stream.into_split();
     let outbound = Outbound::new(settings.send_queue_bytes);
     let mut writer = tokio::spawn(writer::run(
@@ -131,9 +154,17 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     if let Err(refused) = &start.admission {
         let reason = match refused.close {
             CloseCode::Unauthorized => "unauthorized",
+            CloseCode::UserConnectionLimit => "per_user",
             _ => "full",
         };
         metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+        // The message says what was wrong with a token, never the token itself.
+        tracing::debug!(
+            client_id = %start.identity.client_id,
+            close = refused.close.as_u16(),
+            reason = %refused.message,
+            "connection refused"
+        );
     }
     let _slot = match start.admission {
         Ok(slot) => slot,
@@ -154,7 +185,7 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     let conn = Arc::new(Connection {
         id: ctx.hub.next_conn_id(),
         client_id: Arc::from(start.identity.client_id.as_str()),
-        user_id: start.identity.user_id.as_deref().map(Arc::from),
+        user_id: start.identity.credentials.user_id.as_deref().map(Arc::from),
         outbound: Arc::clone(&outbound),
         connected_at: SystemTime::now(),
         deflate: start.deflate,
@@ -165,6 +196,8 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         ctx: Arc::clone(&ctx),
         conn: Arc::clone(&conn),
         subscriptions: HashSet::new(),
+        grants: start.identity.credentials.grants,
+        expires_at: start.identity.credentials.expires_at,
     };
     if !echo {
         if ctx.hub.register(Arc::clone(&conn)) {
@@ -189,11 +222,18 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         start.deflate.is_some(),
     );
     metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
+    tracing::debug!(
+        conn = conn.id,
+        client_id = %conn.client_id,
+        user = conn.user_id.as_deref().unwrap_or("-"),
+        "connection opened"
+    );
     let exit = session.read_loop(reader, &mut writer).await;
     if let Exit::Close(code, ..) = &exit {
         metrics::counter!(crate::metrics::CONNECTIONS_CLOSED, "code" => code.as_u16().to_string())
             .increment(1);
     }
+    tracing::debug!(conn = conn.id, how = exit.describe(), "connection closed");
 
     match exit {
         Exit::Close(code, reason, _) if echo => outbound.close_bare(code, &reason),
@@ -246,11 +286,21 @@ impl Session {
         // known to be complete UTF-8, so that an invalid sequence fails it at once (1007).
         let mut fragments: Option<(OpCode, Vec<u8>, usize)> = None;
         loop {
-            let deadline = Instant::now() + idle_timeout;
+            // One timer per read covers both the idle timeout and the token's expiry.
+            let idle_deadline = Instant::now() + idle_timeout;
+            let token_deadline = self.token_deadline();
+            let deadline = token_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
             let frame = tokio::select! {
                 read = tokio::time::timeout_at(deadline, ws.read_frame(&mut no_obligations)) => match read {
                     Ok(Ok(frame)) => frame,
                     Ok(Err(e)) => return exit_for(e),
+                    Err(_) if token_deadline.is_some_and(|t| t <= Instant::now()) => {
+                        return Exit::Close(
+                            CloseCode::TokenExpired,
+                            "token expired; reconnect with a fresh token, or send `refresh` before it expires".into(),
+                            None,
+                        )
+                    }
                     Err(_) => return Exit::Close(
                         CloseCode::IdleTimeout,
                         format!("nothing received for {idle_timeout:?}"),
@@ -387,6 +437,7 @@ impl Session {
                 )))
             }
             "pong" => Ok(None),
+            "refresh" => self.handle_refresh(&msg).map(Some),
             "subscribe" => self.handle_subscribe(&msg).map(Some),
             "unsubscribe" => self.handle_unsubscribe(&msg).map(Some),
             "publish" => self.handle_publish(&msg).await.map(Some),
@@ -415,6 +466,80 @@ impl Session {
         Ok(self.reply("ack", msg.request_id(), data))
     }
 
+    /// `refresh` with `data.token`: a new token for the same user replaces the connection's
+    /// grants and expiry. A bad token leaves the connection as it was (it still ends at the old
+    /// expiry); a token for another user is refused.
+    fn handle_refresh(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
+        if !self.ctx.auth.enabled() {
+            return Err(Refusal::new(
+                ErrorCode::InvalidOperation,
+                "authentication is off here; there is no token to refresh",
+            ));
+        }
+        let req: RefreshRequest = parse_data(msg.payload())?;
+        let token = req.token.ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::InvalidMessageFormat,
+                "refresh needs `data.token`",
+            )
+        })?;
+        let fresh = self
+            .ctx
+            .auth
+            .verify(&token)
+            .map_err(|e| Refusal::new(ErrorCode::Unauthorized, e.to_string()))?;
+        if fresh.user_id.as_deref() != self.conn.user_id.as_deref() {
+            return Err(Refusal::new(
+                ErrorCode::PermissionDenied,
+                "a refreshed token must be for the same user (sub) as the connection",
+            ));
+        }
+        self.grants = fresh.grants;
+        self.expires_at = fresh.expires_at;
+        let expires_ms = fresh
+            .expires_at
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64);
+        Ok(self.reply(
+            "ack",
+            msg.request_id(),
+            json!({"action": "refresh", "expiresAt": expires_ms}),
+        ))
+    }
+
+    /// When the read loop must end the connection for an expired token.
+    fn token_deadline(&self) -> Option<Instant> {
+        let left = self
+            .expires_at?
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Some(Instant::now() + left)
+    }
+
+    /// Whether this connection may do `action` on `topic` under its namespace's rule.
+    fn permitted(&self, action: Action, topic: &str) -> Result<(), Refusal> {
+        let ns = self.ctx.settings.namespace_of(topic);
+        let rule = match action {
+            Action::Subscribe => ns.subscribe,
+            Action::Publish => ns.publish,
+        };
+        auth::grants::check(
+            rule,
+            action,
+            topic,
+            self.conn.user_id.as_deref(),
+            &self.grants,
+        )
+        .map_err(|denied| Refusal::new(ErrorCode::PermissionDenied, denied.to_string()))
+    }
+
+    /// Tells the broker about presence where the topic's namespace keeps it.
+    fn presence_changed(&self, topic: &Arc<str>, present: bool) {
+        if self.ctx.settings.namespace_of(topic).presence {
+            self.ctx.broker.presence_changed(topic, &self.conn, present);
+        }
+    }
+
     fn handle_unsubscribe(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
         let req = SubscriptionRequest::from_message(msg)?;
         for name in &req.topics {
@@ -422,7 +547,7 @@ impl Session {
                 if self.ctx.hub.unsubscribe(&topic, self.conn.id) {
                     self.ctx.broker.topic_interest(&topic, false);
                 }
-                self.ctx.broker.presence_changed(&topic, &self.conn, false);
+                self.presence_changed(&topic, false);
             }
         }
         Ok(self.reply(
@@ -448,6 +573,24 @@ impl Session {
         if !bad.is_empty() {
             return Err(Refusal::new(ErrorCode::InvalidTopic, bad.join("; "))
                 .with_details(json!({"topics": topics})));
+        }
+        let denied: Vec<(String, String)> = topics
+            .iter()
+            .filter_map(|t| {
+                self.permitted(Action::Subscribe, t)
+                    .err()
+                    .map(|r| (t.clone(), r.message))
+            })
+            .collect();
+        if !denied.is_empty() {
+            let message = denied
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let names: Vec<&str> = denied.iter().map(|(t, _)| t.as_str()).collect();
+            return Err(Refusal::new(ErrorCode::PermissionDenied, message)
+                .with_details(json!({"topics": names})));
         }
         let new = topics
             .iter()
@@ -478,7 +621,7 @@ impl Session {
                 self.ctx.broker.topic_interest(&topic, true);
             }
             if self.subscriptions.insert(Arc::clone(&topic)) {
-                self.ctx.broker.presence_changed(&topic, &self.conn, true);
+                self.presence_changed(&topic, true);
             }
         }
         Ok(topics)
@@ -500,12 +643,7 @@ impl Session {
         })?;
         topic::validate(&topic, self.ctx.settings.ws.max_topic_length)
             .map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.to_string()))?;
-        if !self.ctx.settings.namespace_of(&topic).client_publish {
-            return Err(Refusal::new(
-                ErrorCode::PermissionDenied,
-                format!("clients may not publish to {topic:?}: its namespace does not allow it"),
-            ));
-        }
+        self.permitted(Action::Publish, &topic)?;
         let data = req.data.unwrap_or_else(null_raw);
         let receipt = self
             .ctx
@@ -632,7 +770,7 @@ impl Session {
         let topics: Vec<Arc<str>> = self.subscriptions.drain().collect();
         let (user_gone, emptied) = self.ctx.hub.unregister(&self.conn, &topics);
         for topic in &topics {
-            self.ctx.broker.presence_changed(topic, &self.conn, false);
+            self.presence_changed(topic, false);
         }
         for topic in emptied {
             self.ctx.broker.topic_interest(&topic, false);
@@ -712,6 +850,13 @@ impl SubscriptionRequest {
             since: data.since,
         })
     }
+}
+
+/// The `data` of `refresh`.
+#[derive(Debug, Default, Deserialize)]
+struct RefreshRequest {
+    #[serde(default)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

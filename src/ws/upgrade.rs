@@ -1,37 +1,44 @@
 //! The WebSocket handshake: who is connecting, whether they may, and the hand-over to a session.
 //!
 //! Refusals about the request itself are HTTP answers (403 for a forbidden Origin, 400 for a
-//! request that is not a WebSocket upgrade, 503 while shutting down). Refusals of the client
-//! (bad or missing token: 4001; full node: 1013) complete the upgrade and say why in an `error`
-//! message and a close code, because a browser cannot read the body of a failed upgrade.
+//! request that is not a WebSocket upgrade, 503 while shutting down, 429 for a client address
+//! over its connect rate or connection limit, which must stay cheap under a flood). Refusals of
+//! the client (bad or missing token: 4001; full node: 1013; user at its connection limit: 4029)
+//! complete the upgrade and say why in an `error` message and a close code, because a browser
+//! cannot read the body of a failed upgrade.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ORIGIN, SEC_WEBSOCKET_EXTENSIONS};
-use hyper::{Request, Response};
+use hyper::header::{HeaderValue, CONNECTION, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_EXTENSIONS};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::deflate;
 use super::session::{self, Identity, Refused, SessionKind, SessionStart};
-use crate::auth;
-use crate::http::{json_error, Body};
+use crate::auth::Credentials;
+use crate::http::{json_error, json_error_status, Body};
 use crate::hub::DeflateParams;
+use crate::limits::peer::{IpPermit, IpRefused, PeerPermits};
 use crate::limits::Slot;
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
+use crate::protocol::envelope::ErrorBody;
 
 /// Longest accepted client label.
 const MAX_CLIENT_ID_LEN: usize = 128;
 
 /// Answers an upgrade request on one of the WebSocket paths (`kind`: the protocol paths, or the
-/// echo path). Both go through the same checks: origin, authentication, admission.
+/// echo path), from TCP peer `peer`. Both go through the same checks: origin, per-address
+/// limits, authentication, admission, per-user limit.
 pub fn handle(
     ctx: Arc<NodeContext>,
     mut req: Request<Incoming>,
     kind: SessionKind,
+    peer: SocketAddr,
 ) -> Response<Body> {
     if ctx.is_shutting_down() {
         return json_error(ErrorCode::Unavailable, "the node is shutting down");
@@ -48,6 +55,10 @@ pub fn handle(
             format!("origin {origin:?} is not allowed"),
         );
     }
+    let ip_permit = match admit_address(&ctx, peer, &req) {
+        Ok(permit) => permit,
+        Err(refused) => return address_refusal(peer, &refused),
+    };
     let params = ConnectParams::from_request(&req);
     if params
         .client_id
@@ -59,14 +70,14 @@ pub fn handle(
             format!("clientId is longer than {MAX_CLIENT_ID_LEN} bytes"),
         );
     }
-    let (user_id, auth_error) =
-        match auth::connecting_user(&ctx.settings, params.token.as_deref(), params.user_id) {
-            Ok(user) => (user, None),
-            Err(e) => (None, Some(e)),
+    let (credentials, auth_error) =
+        match ctx.auth.connecting(params.token.as_deref(), params.user_id) {
+            Ok(credentials) => (credentials, None),
+            Err(e) => (Credentials::default(), Some(e)),
         };
     let identity = Identity {
         client_id: params.client_id.unwrap_or_else(generated_client_id),
-        user_id,
+        credentials,
     };
     let deflate = negotiate_deflate(&ctx, &req);
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -96,6 +107,16 @@ pub fn handle(
             }),
             None => admit(&ctx).await,
         };
+        let mut peer_permits = PeerPermits {
+            ip: ip_permit,
+            ..PeerPermits::default()
+        };
+        let admission = admit_user(
+            &ctx,
+            admission,
+            identity.credentials.user_id.as_deref(),
+            &mut peer_permits,
+        );
         let ws = match upgrade.await {
             Ok(ws) => ws,
             Err(e) => {
@@ -121,6 +142,7 @@ pub fn handle(
                 initial_topics,
                 deflate,
                 admission,
+                peer_permits,
             },
         )
         .await;
@@ -144,6 +166,67 @@ async fn admit(ctx: &NodeContext) -> Result<Slot, Refused> {
         close: CloseCode::TryAgainLater,
         message: "the server is at its connection limit; retry later".into(),
     })
+}
+
+/// Per-address limits (`websocket.per_ip`), checked before anything costlier.
+fn admit_address<B>(
+    ctx: &NodeContext,
+    peer: SocketAddr,
+    req: &Request<B>,
+) -> Result<IpPermit, IpRefused> {
+    if !ctx.peers.per_ip_enabled() {
+        return Ok(IpPermit::default());
+    }
+    ctx.peers.admit_ip(ctx.peers.client_ip(peer, req.headers()))
+}
+
+/// A per-address refusal: a plain HTTP 429 (`Retry-After` for the connect rate) that also
+/// closes the TCP connection, so a flood costs one small answer per attempt.
+fn address_refusal(peer: SocketAddr, refused: &IpRefused) -> Response<Body> {
+    let (reason, code) = match refused {
+        IpRefused::ConnectRate { .. } => ("per_ip_rate", ErrorCode::RateLimitExceeded),
+        IpRefused::TooManyConnections { .. } => ("per_ip", ErrorCode::TooManyConnections),
+    };
+    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+    tracing::debug!(%peer, %refused, "connection refused before the upgrade");
+    let mut body = ErrorBody::new(code, refused.to_string());
+    if let Some(ms) = refused.retry_after_ms() {
+        body = body.retry_after_ms(ms);
+    }
+    let mut resp = json_error_status(StatusCode::TOO_MANY_REQUESTS, body);
+    if let Some(secs) = refused.retry_after_secs() {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// The per-user limit (`websocket.per_user`), once the node has admitted the connection and the
+/// user is known. A refusal gives the node slot back and completes the upgrade like the node's
+/// own refusals: an `error` message `TOO_MANY_CONNECTIONS`, then close 4029.
+fn admit_user(
+    ctx: &NodeContext,
+    admission: Result<Slot, Refused>,
+    user_id: Option<&str>,
+    permits: &mut PeerPermits,
+) -> Result<Slot, Refused> {
+    let slot = admission?;
+    let Some(user) = user_id else {
+        return Ok(slot);
+    };
+    match ctx.peers.admit_user(user) {
+        Ok(permit) => {
+            permits.user = permit;
+            Ok(slot)
+        }
+        Err(refused) => Err(Refused {
+            error: ErrorCode::TooManyConnections,
+            close: CloseCode::UserConnectionLimit,
+            message: refused.to_string(),
+        }),
+    }
 }
 
 /// permessage-deflate parameters (and the accepted offer) when the config allows it and the

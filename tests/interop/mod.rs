@@ -27,6 +27,11 @@ impl Gateway {
     /// Starts the binary on a free loopback port with `extra` arguments and waits until the port
     /// answers.
     pub fn start(extra: &[&str]) -> Gateway {
+        Self::start_logging("info", extra)
+    }
+
+    /// [`Gateway::start`] with the log level `level` (`--log`).
+    pub fn start_logging(level: &str, extra: &[&str]) -> Gateway {
         let addr = free_port();
         let log = tempfile::NamedTempFile::new().expect("temp file for the gateway log");
         let out = log.reopen().expect("reopen the log file");
@@ -35,7 +40,7 @@ impl Gateway {
         cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--log")
-            .arg("info")
+            .arg(level)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))

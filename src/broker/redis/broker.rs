@@ -145,7 +145,12 @@ impl RedisBroker {
         for url in settings.redis_urls.iter().filter(|_| !cluster) {
             let pool = deadpool_redis::Config::from_url(url.as_str())
                 .create_pool(Some(Runtime::Tokio1))
-                .map_err(|e| BrokerError::Unavailable(format!("redis pool for {url}: {e}")))?;
+                .map_err(|e| {
+                    BrokerError::Unavailable(format!(
+                        "redis pool for {}: {e}",
+                        crate::config::secret::redact_url(url)
+                    ))
+                })?;
             let subscriber = Subscriber::start(
                 SubscriberConfig {
                     linger: settings.redis.linger,

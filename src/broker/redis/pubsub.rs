@@ -154,10 +154,14 @@ impl SubscriberConfig {
     /// Where this subscribes, without passwords, for logs.
     fn target(&self) -> String {
         if self.is_cluster() {
-            let seeds: Vec<String> = self.cluster_nodes.iter().map(|u| redact(u)).collect();
+            let seeds: Vec<String> = self
+                .cluster_nodes
+                .iter()
+                .map(|u| crate::config::secret::redact_url(u))
+                .collect();
             format!("cluster[{}]", seeds.join(","))
         } else {
-            redact(&self.url)
+            crate::config::secret::redact_url(&self.url)
         }
     }
 }
@@ -1043,18 +1047,6 @@ impl Actor {
     }
 }
 
-/// `url` without its password, for logs.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<invalid url>".to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1108,14 +1100,5 @@ mod tests {
             vec![(0, 5460), (5461, 10922), (10923, 16000)]
         );
         assert!(master_slot_ranges(Value::Nil).is_empty());
-    }
-
-    #[test]
-    fn redact_hides_password() {
-        assert_eq!(
-            redact("redis://user:secret@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 }

@@ -1,4 +1,7 @@
-//! Limits that refuse work: the per-connection inbound rate limiter and node admission.
+//! Limits that refuse work: the per-connection inbound rate limiter and node admission;
+//! [`peer`] holds the limits per client address and per user.
+
+pub mod peer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,6 +37,13 @@ impl TokenBucket {
         } else {
             Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
+    }
+
+    /// Whether the bucket will be full at `now` (nothing taken from it is still owed): a full
+    /// bucket behaves exactly like a new one, so it can be forgotten.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
     }
 }
 

@@ -1,0 +1,208 @@
+//! Who a client is and what it may do.
+//!
+//! - [`Authenticator`]: the identity of a connecting client. With no key configured auth is off
+//!   (development): the `user_id` query parameter is taken as given. With any key configured
+//!   every connection needs a valid JWT (query `token` or `Authorization: Bearer`); its `sub` is
+//!   the user id, its topics claim the [`TopicGrants`], its `exp` (plus leeway) when the
+//!   connection must have sent a `refresh` with a new token. `user_id` in the query is ignored.
+//! - `keys`: which configured key may verify which token (allow-listed algorithms, `kid`).
+//! - `grants`: topic patterns from the token and the namespace rules applied to them.
+//! - `api_key`: HTTP API keys.
+//!
+//! Tokens and keys never reach a log line: errors describe what was wrong with a token, never
+//! the token itself, and configured secrets are [`crate::config::Secret`]s.
+
+pub mod api_key;
+pub mod grants;
+pub mod keys;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::Validation;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::AuthSettings;
+
+pub use api_key::{check_api_access, ApiAccessError};
+pub use grants::{Action, Denied, TopicGrants};
+pub use keys::{parse_algorithm, KeyError, KeyRing};
+
+/// Why a token was refused (`UNAUTHORIZED`, close 4001 at connect).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required (query `token` or `Authorization: Bearer`)")]
+    MissingToken,
+    #[error("the token is {len} bytes, over the {max}-byte limit")]
+    TokenTooLong { len: usize, max: usize },
+    #[error("the token is not a JWT: {0}")]
+    Malformed(String),
+    #[error("tokens signed with {0} are not accepted here")]
+    AlgorithmNotAllowed(String),
+    #[error("no key has the token's kid {0:?}")]
+    UnknownKid(String),
+    #[error("no configured key verifies {0} tokens without a kid")]
+    NoKeyFor(String),
+    #[error("the token's signature is not valid")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// What a verified connection is allowed to be.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// `sub` of the token; with auth off, the `user_id` query parameter.
+    pub user_id: Option<String>,
+    /// Topics the token grants (empty with auth off).
+    pub grants: TopicGrants,
+    /// When the connection must have refreshed its token: `exp` plus the leeway. `None` with
+    /// auth off.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// The claims the gateway reads; the topics claim is looked up by its configured name.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+    exp: u64,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// Verifies tokens against the configured keys and rules.
+#[derive(Debug)]
+pub struct Authenticator {
+    keys: Option<KeyRing>,
+    leeway: Duration,
+    max_token_bytes: usize,
+    topics_claim: String,
+    audience: Option<String>,
+    issuer: Option<String>,
+}
+
+impl Authenticator {
+    /// Loads the keys named in `settings` (reading key files once, here).
+    pub fn from_settings(settings: &AuthSettings) -> Result<Self, KeyError> {
+        Ok(Authenticator {
+            keys: KeyRing::load(settings)?,
+            leeway: settings.leeway,
+            max_token_bytes: settings.max_token_bytes,
+            topics_claim: settings.topics_claim.clone(),
+            audience: settings.audience.clone(),
+            issuer: settings.issuer.clone(),
+        })
+    }
+
+    /// Whether connections need a token.
+    pub fn enabled(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// The identity of a connecting client: from its token when auth is on, else from the
+    /// `user_id` query parameter.
+    pub fn connecting(
+        &self,
+        token: Option<&str>,
+        query_user: Option<String>,
+    ) -> Result<Credentials, AuthError> {
+        if !self.enabled() {
+            return Ok(Credentials {
+                user_id: query_user,
+                ..Credentials::default()
+            });
+        }
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::MissingToken)?;
+        self.verify(token)
+    }
+
+    /// Verifies one token (at connect, or a `refresh`).
+    pub fn verify(&self, token: &str) -> Result<Credentials, AuthError> {
+        let Some(keys) = &self.keys else {
+            return Err(AuthError::Invalid("authentication is off".into()));
+        };
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TokenTooLong {
+                len: token.len(),
+                max: self.max_token_bytes,
+            });
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Malformed(describe(e.kind())))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        let mut last = AuthError::BadSignature;
+        for key in keys.candidates(&header)? {
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => return self.credentials(data.claims),
+                Err(e) => last = refusal(e.kind()),
+            }
+        }
+        Err(last)
+    }
+
+    fn credentials(&self, claims: Claims) -> Result<Credentials, AuthError> {
+        let sub = claims.sub.filter(|s| !s.is_empty()).ok_or_else(|| {
+            AuthError::Invalid("the `sub` claim (the user id) is required".into())
+        })?;
+        let grants = TopicGrants::from_claim(
+            claims.rest.get(&self.topics_claim),
+            &self.topics_claim,
+            &sub,
+        )
+        .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        Ok(Credentials {
+            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway),
+            user_id: Some(sub),
+            grants,
+        })
+    }
+}
+
+fn refusal(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed("this".into()),
+        other => AuthError::Invalid(describe(other)),
+    }
+}
+
+/// A short description of what was wrong, without echoing any part of the token.
+fn describe(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::InvalidToken => "not three base64url parts".into(),
+        ErrorKind::Base64(_) => "bad base64url".into(),
+        ErrorKind::Json(e) => match e.classify() {
+            serde_json::error::Category::Data => {
+                "unsupported `alg` or claims of the wrong type".into()
+            }
+            _ => "bad JSON".into(),
+        },
+        ErrorKind::Utf8(_) => "not UTF-8".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("the `{c}` claim is required"),
+        ErrorKind::InvalidAudience => "wrong audience (aud)".into(),
+        ErrorKind::InvalidIssuer => "wrong issuer (iss)".into(),
+        ErrorKind::InvalidAlgorithmName => "unsupported or missing alg".into(),
+        other => format!("{other:?}").chars().take(80).collect(),
+    }
+}
