@@ -531,7 +531,13 @@ async fn without_refresh_an_expired_token_ends_the_connection_with_4004() {
 
 #[tokio::test]
 async fn a_forbidden_origin_gets_403_before_the_upgrade() {
-    let node = start_node(|s| s.ws.allowed_origins = vec!["https://app.example.com".into()]).await;
+    let node = start_node(|s| {
+        s.ws.allowed_origins = vec![
+            "https://app.example.com".into(),
+            "https://*.partner.org".into(),
+        ]
+    })
+    .await;
     let addr = node.local_addr;
     let upgrade = |origin: &'static str| async move {
         let mut req = format!("ws://{addr}/ws")
@@ -551,6 +557,8 @@ async fn a_forbidden_origin_gets_403_before_the_upgrade() {
         other => panic!("expected 403, got {:?}", other.map(|_| ())),
     }
     assert!(upgrade("https://app.example.com").await.is_ok());
+    assert!(upgrade("https://eu.partner.org").await.is_ok());
+    assert!(upgrade("https://partner.org.evil.com").await.is_err());
 }
 
 /// Secrets never reach the log, even at trace level: the JWT secret, tokens (query and header,

@@ -8,6 +8,7 @@
 //! - `keys`: which configured key may verify which token (allow-listed algorithms, `kid`).
 //! - `grants`: topic patterns from the token and the namespace rules applied to them.
 //! - `api_key`: HTTP API keys.
+//! - `origin`: which browser origins may open a WebSocket.
 //!
 //! Tokens and keys never reach a log line: errors describe what was wrong with a token, never
 //! the token itself, and configured secrets are [`crate::config::Secret`]s.
@@ -15,6 +16,7 @@
 pub mod api_key;
 pub mod grants;
 pub mod keys;
+pub mod origin;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,9 +1,11 @@
 //! The WebSocket side of a node, in the order a connection meets it:
-//! `upgrade` (handshake, identity, admission) -> `session` (read loop, client messages) ->
-//! `writer` (bounded queue, batched writes) -> socket. `guard` sits below fastwebsockets on the
-//! read path; `frame` builds the server's frame bytes.
+//! `upgrade` (handshake, identity, admission) -> `session` (read loop, frames to messages) ->
+//! `dispatch` (each client message of the protocol) -> `writer` (bounded queue, batched
+//! writes) -> socket. `guard` sits below fastwebsockets on the read path; `frame` builds the
+//! server's frame bytes.
 
 pub mod deflate;
+mod dispatch;
 pub mod frame;
 pub mod guard;
 pub mod session;

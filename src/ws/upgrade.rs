@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use super::deflate;
 use super::session::{self, Identity, Refused, SessionKind, SessionStart};
-use crate::auth::Credentials;
+use crate::auth::{self, Credentials};
 use crate::http::{json_error, json_error_status, Body};
 use crate::hub::DeflateParams;
 use crate::limits::peer::{IpPermit, IpRefused, PeerPermits};
@@ -49,10 +49,12 @@ pub fn handle(
             "this path takes a WebSocket upgrade (GET with Upgrade: websocket)",
         );
     }
-    if let Err(origin) = check_origin(&ctx, req.headers().get(ORIGIN)) {
+    let origin = req.headers().get(ORIGIN).map(HeaderValue::as_bytes);
+    if !auth::origin::allowed(&ctx.settings.ws.allowed_origins, origin) {
+        let shown = String::from_utf8_lossy(origin.unwrap_or_default());
         return json_error(
             ErrorCode::PermissionDenied,
-            format!("origin {origin:?} is not allowed"),
+            format!("origin {shown:?} is not allowed"),
         );
     }
     let ip_permit = match admit_address(&ctx, peer, &req) {
@@ -252,27 +254,6 @@ fn negotiate_deflate<B>(
         };
         (params, agreement)
     })
-}
-
-fn check_origin(ctx: &NodeContext, origin: Option<&HeaderValue>) -> Result<(), String> {
-    let allowed = &ctx.settings.ws.allowed_origins;
-    if allowed.is_empty() {
-        return Ok(());
-    }
-    // Only browsers send Origin, and the allowlist exists to stop other sites' pages from
-    // opening sockets with a user's cookies; clients without an Origin are not browsers.
-    let Some(origin) = origin else {
-        return Ok(());
-    };
-    let origin = origin.to_str().unwrap_or_default();
-    if allowed
-        .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
-    {
-        Ok(())
-    } else {
-        Err(origin.to_string())
-    }
 }
 
 fn generated_client_id() -> String {
