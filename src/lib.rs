@@ -9,13 +9,14 @@
 //!   same bytes to each;
 //! - `ws::writer` drains each connection's byte-bounded queue with vectored writes.
 //!
-//! `protocol` holds the wire format (envelope, codes, filters, topic rules), `config` the
+//! `history` holds topic history (positions, pages, the in-memory ring); `protocol` holds the wire format (envelope, codes, filters, topic rules), `config` the
 //! settings, `auth` identity and API access, `limits` rate limiting and admission, `metrics` the
 //! Prometheus names, and `node` the wiring and shutdown.
 
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod limits;

@@ -26,6 +26,13 @@ pub const PUBLICATIONS: &str = "wsgate_publications_total";
 pub const DELIVERIES: &str = "wsgate_deliveries_total";
 /// Connections cut off because their send queue passed its bound.
 pub const SLOW_CONSUMERS: &str = "wsgate_slow_consumers_total";
+/// Counter: `requireAck` publications queued again because no `ack` came within `ack_timeout`.
+pub const ACK_RESENDS: &str = "wsgate_ack_resends_total";
+/// Counter: `requireAck` publications given up without an `ack`; label `reason`: `retries`
+/// (every re-send went unacknowledged) or `overflow` (the connection owed too many).
+pub const ACK_GIVEN_UP: &str = "wsgate_ack_given_up_total";
+/// `requireAck` publications local connections have not acknowledged yet (gauge).
+pub const ACK_PENDING: &str = "wsgate_ack_pending";
 /// Live connections on this node (gauge).
 pub const CONNECTIONS: &str = "wsgate_connections";
 /// This node's connection limit right now (its cluster reservation with Redis) (gauge).
@@ -36,6 +43,13 @@ pub const BROKER_READY: &str = "wsgate_broker_ready";
 pub const REDIS_RECONNECTS: &str = "wsgate_redis_reconnects";
 /// Redis channels this node is subscribed to (gauge).
 pub const REDIS_CHANNELS: &str = "wsgate_redis_subscribed_channels";
+/// Counter: publications this node fetched from history to fill a gap in a topic's live stream
+/// (after a lost Redis subscription).
+pub const HISTORY_BACKFILLED: &str = "wsgate_history_backfilled_total";
+/// Counter: live publications dropped because this node had already delivered them.
+pub const DUPLICATES_DROPPED: &str = "wsgate_duplicate_publications_dropped_total";
+/// Counter: gaps in a topic's live stream that history could not fill (trimmed or unreachable).
+pub const HISTORY_GAPS_UNFILLED: &str = "wsgate_history_gaps_unfilled_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -75,6 +89,7 @@ pub fn render(ctx: &NodeContext) -> String {
     let node = ctx.settings.node_id.clone();
     let diag = ctx.broker.diagnostics();
     metrics::gauge!(CONNECTIONS, "node" => node.clone()).set(ctx.hub.connection_count() as f64);
+    metrics::gauge!(ACK_PENDING, "node" => node.clone()).set(ctx.hub.acks().pending_total() as f64);
     metrics::gauge!(CONNECTION_LIMIT, "node" => node.clone()).set(ctx.slots.limit() as f64);
     metrics::gauge!(BROKER_READY, "node" => node.clone()).set(if diag.ready { 1.0 } else { 0.0 });
     metrics::gauge!(REDIS_RECONNECTS, "node" => node.clone()).set(diag.reconnects as f64);

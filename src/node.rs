@@ -72,6 +72,8 @@ pub struct RunningNode {
 /// Binds the listener and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
     let auth = Authenticator::from_settings(&settings.auth)?;
+    // The recorder must exist before the first counter moves, not at the first scrape.
+    crate::metrics::handle();
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|source| NodeError::Bind {
@@ -83,10 +85,11 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         source,
     })?;
     let hub = Hub::new();
+    let settings = Arc::new(settings);
     let (broker, slots): (Arc<dyn Broker>, _) = if settings.redis_urls.is_empty() {
         let slots = ConnectionSlots::new(settings.ws.max_connections);
         (
-            Arc::new(MemoryBroker::new(Arc::clone(&hub), &settings.node_id)),
+            Arc::new(MemoryBroker::new(Arc::clone(&hub), Arc::clone(&settings))),
             slots,
         )
     } else {
@@ -100,7 +103,7 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         peers,
         auth,
         slots,
-        settings: Arc::new(settings),
+        settings,
         hub,
         broker,
         started_at: Instant::now(),
@@ -110,6 +113,13 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         tracing::warn!("no API key configured: the HTTP API answers loopback callers only");
     }
     let (stop, stop_rx) = watch::channel(false);
+    // Ends with the accept loop: on shutdown, or when the node handle is dropped.
+    tokio::spawn(crate::hub::acks::resend_loop(
+        Arc::clone(&ctx.hub),
+        ctx.settings.ws.ack_timeout,
+        ctx.settings.ws.ack_retries,
+        stop_rx.clone(),
+    ));
     let accept_loop = tokio::spawn(accept_loop(Arc::clone(&ctx), listener, stop_rx));
     tracing::info!(
         node = %ctx.settings.node_id,

@@ -311,7 +311,7 @@ fn namespaced(s: &mut Settings) {
     let ns = |subscribe, publish| NamespaceSettings {
         subscribe,
         publish,
-        presence: true,
+        ..NamespaceSettings::default()
     };
     s.namespaces
         .insert("private".into(), ns(Access::Granted, Access::Nobody));

@@ -278,7 +278,7 @@ async fn a_node_listens_only_to_topics_its_clients_hold() {
 
 /// What Redis does for one publication in a cluster of 3 nodes of which 1 holds the topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_publication_costs_one_script_call_and_one_pubsub_delivery() {
+async fn one_publication_costs_one_function_call_and_one_pubsub_delivery() {
     let redis = RedisServer::start();
     let urls = [redis.url()];
     // A long lease so that background heartbeats and lease renewals (every third of it) rarely
@@ -341,10 +341,12 @@ async fn one_publication_costs_one_script_call_and_one_pubsub_delivery() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(
-        cheapest.get("evalsha"),
+        cheapest.get("fcall"),
         Some(&1),
-        "one script call per publication: {rounds:?}"
+        "one function call per publication: {rounds:?}"
     );
+    // Recorded in the topic's history stream: one XADD.
+    assert_eq!(cheapest.get("xadd"), Some(&1), "{rounds:?}");
 
     // Who received it: the channel has one subscriber (node c's subscription connection), so
     // the PUBLISH reached exactly one node. A plain PUBLISH on the same channel shows the
@@ -356,15 +358,18 @@ async fn one_publication_costs_one_script_call_and_one_pubsub_delivery() {
     assert_eq!(m["data"], "probe");
     on_c.expect_silence().await;
 
-    let script: u64 = ["incr", "get", "set", "publish"]
-        .iter()
-        .filter_map(|c| cheapest.get(*c))
-        .sum();
+    let script: u64 = [
+        "incr", "get", "set", "time", "xadd", "xtrim", "pexpire", "publish",
+    ]
+    .iter()
+    .filter_map(|c| cheapest.get(*c))
+    .sum();
     let total: u64 = cheapest.values().sum();
     println!(
         "redis traffic for one publication (3 nodes, 1 holds the topic), cheapest of {ROUNDS} \
-         rounds:\n  commands executed: {total} {cheapest:?}\n    = 1 EVALSHA from node a, running \
-         {script} inside the script (INCR, GET, PUBLISH; SET only when the sequence starts), \
+         rounds:\n  commands executed: {total} {cheapest:?}\n    = 1 FCALL wsgate_publish from node a, \
+         running {script} inside the function (INCR, GET, TIME, XADD, XTRIM, PEXPIRE, PUBLISH; \
+         SET only when the sequence starts), \
          + {} from node a's connection pool check (UNWATCH + PING)\n  commands per round: \
          {:?}\n  pubsub messages delivered: {receivers} (PUBSUB NUMSUB = 1: nodes a and b \
          are not subscribed and receive nothing)\n  messages Redis sends: 1 script reply + 1 \

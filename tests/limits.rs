@@ -502,11 +502,7 @@ async fn slow_consumer_is_disconnected_and_others_get_every_message() {
         for _ in 0..BATCH {
             let receipt = ctx
                 .broker
-                .publish(TopicMessage {
-                    topic: "flood".into(),
-                    kind: "bulk".into(),
-                    data: data.clone(),
-                })
+                .publish(TopicMessage::new("flood", "bulk", data.clone()))
                 .await
                 .expect("publish");
             published += 1;

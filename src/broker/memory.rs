@@ -1,44 +1,65 @@
 //! The embedded broker: one node, everything delivered in-process through the hub.
 //!
-//! Sequence numbers are per topic and start at 1; the epoch is random per broker instance, so
-//! a client can tell that numbers restarted after a node restart.
+//! Sequence numbers are per topic and start at 1 in a random epoch; the topic's history is an
+//! in-memory ring ([`HistoryRing`]) with the namespace's bounds, so `since` recovery and
+//! `/api/history` work without Redis (within one node run: a restart starts new epochs).
+//! Idempotency keys are remembered per topic for [`IDEMPOTENCY_WINDOW`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use dashmap::DashMap;
+use parking_lot::Mutex;
 
 use super::{
     Broker, BrokerError, ClusterStatus, Direct, DisconnectTarget, NodeStatus, PresenceMember,
-    PublishReceipt, Recipient, TopicMessage, UpstreamMessage,
+    PublishReceipt, Recipient, TopicMessage, UpstreamMessage, IDEMPOTENCY_WINDOW,
 };
-use crate::hub::{Connection, DirectMessage, Hub, Publication};
+use crate::config::Settings;
+use crate::history::{HistoryPage, HistoryRing, StreamPosition};
+use crate::hub::{Connection, DirectMessage, Hub, Publication, PublicationMeta};
 use crate::protocol::codes::CloseCode;
+
+/// How often idle topics and old idempotency keys are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 pub struct MemoryBroker {
     hub: Arc<Hub>,
-    node_id: String,
-    epoch: String,
-    seqs: DashMap<String, AtomicU64>,
+    settings: Arc<Settings>,
+    history: HistoryRing,
+    /// `(topic, key)` -> the first publication's position and when the key was first seen.
+    idempotency: Mutex<HashMap<(String, String), (StreamPosition, Instant)>>,
+    last_sweep: Mutex<Instant>,
 }
 
 impl MemoryBroker {
-    pub fn new(hub: Arc<Hub>, node_id: &str) -> Self {
+    pub fn new(hub: Arc<Hub>, settings: Arc<Settings>) -> Self {
         MemoryBroker {
             hub,
-            node_id: node_id.to_string(),
-            epoch: format!("{:08x}", rand::random::<u32>()),
-            seqs: DashMap::new(),
+            settings,
+            history: HistoryRing::new(),
+            idempotency: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(Instant::now()),
         }
     }
 
-    fn next_seq(&self, topic: &str) -> u64 {
-        if let Some(counter) = self.seqs.get(topic) {
-            return counter.fetch_add(1, Ordering::Relaxed) + 1;
+    /// Forgets idle topics and expired idempotency keys, at most every [`SWEEP_EVERY`].
+    fn sweep(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self.last_sweep.lock();
+            if now.duration_since(*last) < SWEEP_EVERY {
+                return;
+            }
+            *last = now;
         }
-        let counter = self.seqs.entry(topic.to_string()).or_default();
-        counter.fetch_add(1, Ordering::Relaxed) + 1
+        self.idempotency
+            .lock()
+            .retain(|_, (_, at)| now.duration_since(*at) < IDEMPOTENCY_WINDOW);
+        let settings = Arc::clone(&self.settings);
+        self.history
+            .expire_idle(|topic| settings.namespace_of(topic).history);
     }
 }
 
@@ -92,13 +113,48 @@ pub fn disconnect_local(hub: &Hub, target: &DisconnectTarget) -> usize {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn publish(&self, msg: TopicMessage) -> Result<PublishReceipt, BrokerError> {
-        let seq = self.next_seq(&msg.topic);
-        let publication = Publication::encode(&msg.topic, &msg.kind, seq, &self.epoch, &msg.data);
-        let delivery = self.hub.deliver(&publication);
+        self.sweep();
+        let key = msg.idempotency_key.map(|k| (msg.topic.clone(), k));
+        // Held across the publish so two publishes with one key cannot both go out.
+        let mut seen = key.as_ref().map(|_| self.idempotency.lock());
+        if let (Some(seen), Some(key)) = (seen.as_deref(), key.as_ref()) {
+            if let Some((first, at)) = seen.get(key) {
+                if at.elapsed() < IDEMPOTENCY_WINDOW {
+                    return Ok(PublishReceipt {
+                        seq: first.seq,
+                        epoch: first.epoch.clone(),
+                        delivered_here: 0,
+                        duplicate: true,
+                    });
+                }
+            }
+        }
+        let bounds = self.settings.namespace_of(&msg.topic).history;
+        let mut delivered = 0;
+        let position = self.history.append(
+            &msg.topic,
+            bounds,
+            || format!("{:08x}", rand::random::<u32>()),
+            |position| {
+                let meta = PublicationMeta {
+                    kind: &msg.kind,
+                    sequence: Some((position.seq, &position.epoch)),
+                    require_ack: msg.require_ack,
+                    ..PublicationMeta::default()
+                };
+                let publication = Publication::from_meta(&msg.topic, &meta, &msg.data);
+                delivered = self.hub.deliver(&publication).delivered;
+                publication
+            },
+        );
+        if let (Some(seen), Some(key)) = (seen.as_deref_mut(), key) {
+            seen.insert(key, (position.clone(), Instant::now()));
+        }
         Ok(PublishReceipt {
-            seq,
-            epoch: self.epoch.clone(),
-            delivered_here: delivery.delivered,
+            seq: position.seq,
+            epoch: position.epoch,
+            delivered_here: delivered,
+            duplicate: false,
         })
     }
 
@@ -130,14 +186,24 @@ impl Broker for MemoryBroker {
             online_count: self.hub.connection_count(),
             online_users: self.hub.online_users(),
             nodes: vec![NodeStatus {
-                id: self.node_id.clone(),
+                id: self.settings.node_id.clone(),
                 connections: self.hub.connection_count(),
             }],
         })
     }
 
     async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError> {
-        Ok(local_presence(&self.hub, &self.node_id, topic))
+        Ok(local_presence(&self.hub, &self.settings.node_id, topic))
+    }
+
+    async fn history(
+        &self,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError> {
+        let bounds = self.settings.namespace_of(topic).history;
+        Ok(self.history.read(topic, since, limit, bounds))
     }
 
     fn is_ready(&self) -> bool {

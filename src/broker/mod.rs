@@ -12,15 +12,35 @@ pub mod redis;
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 
+use crate::history::{HistoryPage, StreamPosition};
 use crate::hub::{ConnId, Connection};
 
-/// A publication request: the broker assigns `seq`/`epoch` and fans it out.
+/// A publication request: the broker assigns `seq`/`epoch`, records it in the topic's history
+/// and fans it out.
 #[derive(Debug, Clone)]
 pub struct TopicMessage {
     pub topic: String,
     /// The `type` subscribers see (`route_update`, `metrics`, ...).
     pub kind: String,
     pub data: Box<RawValue>,
+    /// A publish with a key already used for this topic within the idempotency window is not
+    /// published again; the receipt names the first one's position.
+    pub idempotency_key: Option<String>,
+    /// Recipients must acknowledge it by id, or get it again.
+    pub require_ack: bool,
+}
+
+impl TopicMessage {
+    /// A plain publication: no idempotency key, no acknowledgements.
+    pub fn new(topic: impl Into<String>, kind: impl Into<String>, data: Box<RawValue>) -> Self {
+        TopicMessage {
+            topic: topic.into(),
+            kind: kind.into(),
+            data,
+            idempotency_key: None,
+            require_ack: false,
+        }
+    }
 }
 
 /// Where the broker put a publication.
@@ -30,7 +50,13 @@ pub struct PublishReceipt {
     pub epoch: String,
     /// Local subscribers that got it (this node only; other nodes do not report back).
     pub delivered_here: usize,
+    /// The idempotency key was seen before: nothing was published this time, and `seq`/`epoch`
+    /// are the first publication's.
+    pub duplicate: bool,
 }
+
+/// How long an idempotency key is remembered per topic.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Who a direct message is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +179,22 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Who is subscribed to `topic` across the cluster.
     async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError>;
+
+    /// The topic's publications after `since` (the newest `limit` without it), and whether that
+    /// is everything since then (see [`HistoryPage::after`]).
+    async fn history(
+        &self,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError>;
+
+    /// Waits until this node receives `topic`'s live publications (its subscription in the
+    /// cluster is active), so that a history read made afterwards leaves no gap; `false` when
+    /// that did not happen within `timeout`.
+    async fn await_subscribed(&self, _topic: &str, _timeout: std::time::Duration) -> bool {
+        true
+    }
 
     /// Whether the broker can carry messages now (for `/readyz`).
     fn is_ready(&self) -> bool;

@@ -21,8 +21,10 @@
 //!   per_ip: { max_connections: 100, connect_rate: { per_second: 10, burst: 20 } }
 //!   per_user: { max_connections: 10 }
 //!   trusted_proxies: [10.0.0.0/8]  # whose X-Forwarded-For names the client
+//!   ack_timeout: 5s             # requireAck publications unacknowledged this long are re-sent
+//!   ack_retries: 3              # ... at most this many times, then given up
 //! namespaces:
-//!   chat: { subscribe: authenticated, publish: granted, presence: true }
+//!   chat: { subscribe: authenticated, publish: granted, presence: true, history: { size: 100, ttl: 5m } }
 //! auth:
 //!   jwt_secret: change-me       # HS256/384/512
 //!   public_keys: [{ file: keys/rs256.pem, kid: k1 }]   # RSA, EC or Ed25519 PEM
@@ -183,6 +185,11 @@ pub struct WebsocketFile {
     pub per_user: Option<PerUserFile>,
     /// Addresses or CIDR ranges of proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Option<Vec<String>>,
+    /// How long a `requireAck` publication waits for its `ack` before it is sent again.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ack_timeout: Option<Duration>,
+    /// Re-sends of an unacknowledged `requireAck` publication before it is given up.
+    pub ack_retries: Option<u32>,
 }
 
 /// `websocket.per_ip:` — limits per client address.
@@ -219,6 +226,16 @@ pub struct NamespaceFile {
     /// `anyone`, `authenticated`, `granted` or `nobody`.
     pub publish: Option<String>,
     pub presence: Option<bool>,
+    pub history: Option<HistoryFile>,
+}
+
+/// `history:` of a namespace: `{size, ttl}`; `size: 0` turns it off.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryFile {
+    pub size: Option<usize>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ttl: Option<Duration>,
 }
 
 /// `redis:` — absent (or an empty URL list) means the embedded in-process broker.
@@ -400,6 +417,8 @@ impl WebsocketFile {
         }
         set(&mut ws.allowed_origins, self.allowed_origins);
         set(&mut ws.allow_client_broadcast, self.allow_client_broadcast);
+        set(&mut ws.ack_timeout, self.ack_timeout);
+        set(&mut ws.ack_retries, self.ack_retries);
         if let Some(path) = self.echo_path {
             ws.echo_path = Some(path);
         }
@@ -457,6 +476,10 @@ impl NamespaceFile {
             ns.publish = access("publish", &v)?;
         }
         set(&mut ns.presence, self.presence);
+        if let Some(history) = self.history {
+            set(&mut ns.history.size, history.size);
+            set(&mut ns.history.ttl, history.ttl);
+        }
         Ok(())
     }
 }

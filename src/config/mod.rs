@@ -75,6 +75,11 @@ pub struct WsSettings {
     pub echo_path: Option<String>,
     /// Limits per client address and per user, against floods and runaway clients.
     pub peer_limits: PeerLimitSettings,
+    /// A `requireAck` publication not acknowledged this long after it was sent is sent again.
+    pub ack_timeout: Duration,
+    /// How many times an unacknowledged `requireAck` publication is sent again before it is
+    /// given up (0: sent once, never again).
+    pub ack_retries: u32,
 }
 
 /// Limits per client IP and per user (all off by default: a load balancer or a load rig often
@@ -131,6 +136,32 @@ pub struct NamespaceSettings {
     pub publish: Access,
     /// Whether subscriptions here are recorded in presence (default: on).
     pub presence: bool,
+    /// How much of each topic's past is kept for recovery and `/api/history`.
+    pub history: HistorySettings,
+}
+
+/// Per-topic history bounds: by count and by age, whichever is reached first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySettings {
+    /// Publications kept per topic; 0 turns history (and recovery) off for the namespace.
+    pub size: usize,
+    /// Publications older than this are dropped; a topic idle this long loses its history.
+    pub ttl: Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            size: 100,
+            ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+impl HistorySettings {
+    pub fn enabled(&self) -> bool {
+        self.size > 0 && !self.ttl.is_zero()
+    }
 }
 
 impl Default for NamespaceSettings {
@@ -139,6 +170,7 @@ impl Default for NamespaceSettings {
             subscribe: Access::Anyone,
             publish: Access::Nobody,
             presence: true,
+            history: HistorySettings::default(),
         }
     }
 }
@@ -264,6 +296,8 @@ impl Default for WsSettings {
             allow_client_broadcast: false,
             echo_path: None,
             peer_limits: PeerLimitSettings::default(),
+            ack_timeout: Duration::from_secs(5),
+            ack_retries: 3,
         }
     }
 }
@@ -389,6 +423,9 @@ impl Settings {
         }
         if self.ws.rate_burst == 0 {
             bad("websocket.rate_limit.burst", "must be at least 1".into());
+        }
+        if self.ws.ack_timeout.is_zero() {
+            bad("websocket.ack_timeout", "must be positive".into());
         }
         if self.compression.level > 9 {
             bad(

@@ -1,6 +1,6 @@
 //! The HTTP API for backends and operators (SPEC section 4): publish, send, broadcast,
-//! disconnect, status, presence and node info. Requests pass the API key check in `auth`;
-//! errors use the socket's codes.
+//! disconnect, status, presence, topic history and node info. Requests pass the API key check
+//! in `auth`; errors use the socket's codes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,13 +8,14 @@ use std::sync::Arc;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::{json_error, json_response, Body};
 use crate::auth::{self, ApiAccessError};
 use crate::broker::{BrokerError, Direct, DisconnectTarget, Recipient, TopicMessage};
+use crate::history::StreamPosition;
 use crate::hub::ConnId;
 use crate::node::NodeContext;
 use crate::protocol::codes::ErrorCode;
@@ -80,6 +81,13 @@ pub async fn handle(
         (&Method::POST, "/api/ws/send") => send(&ctx, req).await,
         (&Method::POST, "/api/ws/broadcast") => broadcast(&ctx, req).await,
         (&Method::POST, "/api/disconnect") => disconnect(&ctx, req).await,
+        (method, path) if path.starts_with(HISTORY_PREFIX) => {
+            if *method == Method::GET {
+                history(&ctx, &req).await
+            } else {
+                Err(method_not_allowed("GET"))
+            }
+        }
         (_, "/api/ws/status" | "/api/info" | "/api/presence") => Err(method_not_allowed("GET")),
         (_, "/api/publish" | "/api/ws/send" | "/api/ws/broadcast" | "/api/disconnect") => {
             Err(method_not_allowed("POST"))
@@ -155,6 +163,11 @@ struct PublishBody {
     kind: Option<String>,
     #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
+    /// Publishes with the same key within the window are published once.
+    #[serde(rename = "idempotencyKey", default)]
+    idempotency_key: Option<String>,
+    #[serde(rename = "requireAck", default)]
+    require_ack: bool,
 }
 
 async fn publish(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
@@ -169,16 +182,16 @@ async fn publish(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
     let receipt = ctx
         .broker
         .publish(TopicMessage {
-            topic: topic.clone(),
-            kind,
-            data,
+            idempotency_key: body.idempotency_key,
+            require_ack: body.require_ack,
+            ..TopicMessage::new(topic.clone(), kind, data)
         })
         .await
         .map_err(unavailable)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "topic": topic, "seq": receipt.seq, "epoch": receipt.epoch,
-                "delivered": receipt.delivered_here}),
+                "delivered": receipt.delivered_here, "duplicate": receipt.duplicate}),
     ))
 }
 
@@ -338,6 +351,128 @@ async fn presence(ctx: &NodeContext, req: &Request<Incoming>) -> ApiResult {
         StatusCode::OK,
         &json!({"topic": topic, "count": members.len(), "members": members}),
     ))
+}
+
+/// `GET /api/history/{topic}`: everything after the topic's path segment is the topic name,
+/// percent-decoded (names may hold `/` and `:`).
+const HISTORY_PREFIX: &str = "/api/history/";
+/// `limit` when the query has none.
+const HISTORY_DEFAULT_LIMIT: usize = 100;
+/// The largest `limit` accepted.
+const HISTORY_MAX_LIMIT: usize = 10_000;
+
+/// The answer of `GET /api/history/{topic}`.
+#[derive(Serialize)]
+struct HistoryResponse<'a> {
+    topic: &'a str,
+    /// Where the topic's stream stands now; `null` when nothing is on record.
+    position: Option<&'a StreamPosition>,
+    /// Whether `publications` is everything after `since` (always true without `since`).
+    complete: bool,
+    /// Each publication exactly as subscribers receive it, oldest first.
+    publications: Vec<Box<RawValue>>,
+}
+
+/// A topic's history: after `since` (with `epoch`), or the newest `limit` without it.
+async fn history(ctx: &NodeContext, req: &Request<Incoming>) -> ApiResult {
+    let raw_topic = req.uri().path()[HISTORY_PREFIX.len()..].to_string();
+    let topic = percent_decode(&raw_topic).ok_or_else(|| {
+        refuse(
+            ErrorCode::InvalidTopic,
+            format!("topic {raw_topic:?} is not valid percent-encoded UTF-8"),
+        )
+    })?;
+    topic::validate(&topic, ctx.settings.ws.max_topic_length)
+        .map_err(|e| refuse(ErrorCode::InvalidTopic, e.to_string()))?;
+    let query = req.uri().query().unwrap_or_default();
+    let (mut since, mut epoch, mut limit) = (None, None, None);
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "since" => since = Some(value.into_owned()),
+            "epoch" => epoch = Some(value.into_owned()),
+            "limit" => limit = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    let bad = |message: String| refuse(ErrorCode::InvalidMessageFormat, message);
+    let since = match (since, epoch) {
+        (None, None) => None,
+        (Some(seq), Some(epoch)) => Some(StreamPosition {
+            seq: seq
+                .parse()
+                .map_err(|_| bad(format!("`since` must be a seq number, not {seq:?}")))?,
+            epoch,
+        }),
+        (Some(_), None) => return Err(bad("`since` needs `epoch` (add &epoch=...)".into())),
+        (None, Some(_)) => return Err(bad("`epoch` needs `since` (add &since=SEQ)".into())),
+    };
+    let limit = match limit {
+        None => HISTORY_DEFAULT_LIMIT,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= HISTORY_MAX_LIMIT)
+            .ok_or_else(|| {
+                bad(format!(
+                    "`limit` must be a number from 0 to {HISTORY_MAX_LIMIT}, not {l:?}"
+                ))
+            })?,
+    };
+    if !ctx.settings.namespace_of(&topic).history.enabled() {
+        return Err(refuse(
+            ErrorCode::InvalidOperation,
+            format!("history is off in the namespace of {topic:?}"),
+        ));
+    }
+    let page = ctx
+        .broker
+        .history(&topic, since.as_ref(), limit)
+        .await
+        .map_err(unavailable)?;
+    let publications = page
+        .publications
+        .iter()
+        .map(|p| {
+            let payload = crate::ws::frame::payload_of(p.frame.plain());
+            std::str::from_utf8(payload)
+                .ok()
+                .and_then(|text| RawValue::from_string(text.to_string()).ok())
+                .ok_or_else(|| {
+                    refuse(
+                        ErrorCode::Internal,
+                        "a publication in history is not a JSON text frame",
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(json_response(
+        StatusCode::OK,
+        &HistoryResponse {
+            topic: &topic,
+            position: page.position.as_ref(),
+            complete: page.complete,
+            publications,
+        },
+    ))
+}
+
+/// Decodes `%XX` escapes (and nothing else: `+` stays `+`); `None` for a broken escape or a
+/// result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn unavailable(e: BrokerError) -> ApiError {

@@ -6,6 +6,7 @@
 //! Subscribe and unsubscribe report when a topic gains its first or loses its last local
 //! subscriber, which is when a cluster broker has to change its interest.
 
+pub mod acks;
 pub mod conflate;
 pub mod publication;
 
@@ -14,13 +15,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use dashmap::DashMap;
+use parking_lot::Mutex;
 
 use crate::protocol::codes::CloseCode;
 use crate::protocol::filter::{Filter, SubscriptionOptions};
 use crate::ws::writer::Outbound;
+use acks::Acks;
 use conflate::Conflator;
-pub use publication::{DeflateParams, DirectMessage, Publication, SharedFrame};
+pub use publication::{DeflateParams, DirectMessage, Publication, PublicationMeta, SharedFrame};
 
 /// A connection's id, unique within this node's run.
 pub type ConnId = u64;
@@ -41,6 +45,14 @@ struct Subscriber {
     conn: Arc<Connection>,
     filter: Option<Arc<Filter>>,
     conflator: Option<Arc<Conflator>>,
+    /// While the subscription recovers missed publications from history, live ones are held
+    /// here (in arrival order, which is `seq` order) instead of being queued, and merged after
+    /// the replay by [`Hub::finish_recovery`].
+    held: Option<Mutex<Vec<Publication>>>,
+    /// After a recovery: the last replayed `(epoch, seq)`. A live copy of a replayed publication
+    /// can still be on its way (history answers on the command connection before pub/sub
+    /// delivers on the subscription connection), so anything at or below it is dropped.
+    floor: Option<(Arc<str>, u64)>,
 }
 
 /// Counts from one fan-out.
@@ -60,6 +72,8 @@ pub struct Hub {
     users: DashMap<Arc<str>, Vec<Arc<Connection>>>,
     connections: DashMap<ConnId, Arc<Connection>>,
     next_id: AtomicU64,
+    /// `requireAck` publications each local connection has not acknowledged yet.
+    acks: Acks,
 }
 
 impl Hub {
@@ -110,6 +124,8 @@ impl Hub {
             .filter(|t| self.unsubscribe(t, conn.id))
             .cloned()
             .collect();
+        // After the unsubscribes: no fan-out can record a new pending entry for it now.
+        self.acks.forget(conn.id);
         (user_gone, emptied)
     }
 
@@ -121,10 +137,33 @@ impl Hub {
         conn: &Arc<Connection>,
         options: &SubscriptionOptions,
     ) -> bool {
+        self.subscribe_with(topic, conn, options, false)
+    }
+
+    /// Subscribes like [`Hub::subscribe`], but holds the topic's live publications for this
+    /// connection until [`Hub::finish_recovery`] replays history in front of them.
+    pub fn subscribe_recovering(
+        &self,
+        topic: &Arc<str>,
+        conn: &Arc<Connection>,
+        options: &SubscriptionOptions,
+    ) -> bool {
+        self.subscribe_with(topic, conn, options, true)
+    }
+
+    fn subscribe_with(
+        &self,
+        topic: &Arc<str>,
+        conn: &Arc<Connection>,
+        options: &SubscriptionOptions,
+        recovering: bool,
+    ) -> bool {
         let subscriber = Subscriber {
             conn: Arc::clone(conn),
             filter: options.filter.clone(),
             conflator: options.interval.map(Conflator::new),
+            held: recovering.then(|| Mutex::new(Vec::new())),
+            floor: None,
         };
         let mut subs = self.topics.entry(Arc::clone(topic)).or_default();
         let first = subs.is_empty();
@@ -134,6 +173,43 @@ impl Hub {
             }
         }
         first
+    }
+
+    /// Ends a recovering subscription's hold: queues `replay` (publications from history, oldest
+    /// first), then the live publications held meanwhile that come after the replay (by `seq`;
+    /// unsequenced ones all), and from then on delivers live. Runs under the topic's write
+    /// lock, so no live publication can slip in between. Returns how many frames it queued.
+    pub fn finish_recovery(&self, topic: &str, conn_id: ConnId, replay: Vec<Publication>) -> usize {
+        let Some(mut subs) = self.topics.get_mut(topic) else {
+            return 0;
+        };
+        let Some(sub) = subs.get_mut(&conn_id) else {
+            return 0;
+        };
+        let held = sub.held.take().map(Mutex::into_inner).unwrap_or_default();
+        let replayed_to = replay.iter().filter_map(|p| p.seq).max();
+        sub.floor = replay.last().and_then(|p| Some((p.epoch.clone()?, p.seq?)));
+        let live = held.into_iter().filter(|p| match (p.seq, replayed_to) {
+            (Some(seq), Some(last)) => seq > last,
+            _ => true,
+        });
+        let mut queued = 0;
+        for publication in replay.into_iter().chain(live) {
+            if let Some(filter) = &sub.filter {
+                let mut scratch = publication.data.to_vec();
+                let passes = simd_json::to_borrowed_value(&mut scratch)
+                    .ok()
+                    .is_some_and(|d| filter.matches(&d));
+                if !passes {
+                    continue;
+                }
+            }
+            let frame = publication.frame.for_recipient(sub.conn.deflate);
+            if self.queue_publication(&sub.conn, &publication, frame) {
+                queued += 1;
+            }
+        }
+        queued
     }
 
     /// Unsubscribes; returns `true` when that left `topic` with no local subscriber.
@@ -169,6 +245,20 @@ impl Hub {
             None
         };
         for sub in subs.values() {
+            if let (Some((epoch, floor)), Some(seq), Some(e)) =
+                (&sub.floor, publication.seq, &publication.epoch)
+            {
+                if seq <= *floor && epoch == e {
+                    delivery.filtered += 1;
+                    continue;
+                }
+            }
+            if let Some(held) = &sub.held {
+                // Filtered when the recovery finishes, with the replayed publications.
+                held.lock().push(publication.clone());
+                delivery.delivered += 1;
+                continue;
+            }
             if let Some(filter) = &sub.filter {
                 if !data.as_ref().is_some_and(|d| filter.matches(d)) {
                     delivery.filtered += 1;
@@ -177,19 +267,48 @@ impl Hub {
             }
             let frame = publication.frame.for_recipient(sub.conn.deflate);
             match &sub.conflator {
+                // Not tracked for `requireAck`: the client asked for the latest value only, and
+                // re-sending a superseded one would undo that (see `acks`).
                 Some(c) => {
                     c.offer(frame, &sub.conn.outbound);
                     delivery.delivered += 1;
                 }
-                None => match sub.conn.outbound.push(frame) {
-                    Ok(()) => delivery.delivered += 1,
-                    Err(_) => delivery.dropped += 1,
-                },
+                None if self.queue_publication(&sub.conn, publication, frame) => {
+                    delivery.delivered += 1;
+                }
+                None => delivery.dropped += 1,
             }
         }
         metrics::counter!(crate::metrics::PUBLICATIONS).increment(1);
         metrics::counter!(crate::metrics::DELIVERIES).increment(delivery.delivered as u64);
         delivery
+    }
+
+    /// Queues one recipient's frame of `publication`; a `requireAck` one is recorded as
+    /// pending for the connection first (so that a fast ack always finds it) and forgotten
+    /// again if the queue refuses it. Returns whether the queue took it.
+    fn queue_publication(
+        &self,
+        conn: &Connection,
+        publication: &Publication,
+        frame: Bytes,
+    ) -> bool {
+        if !publication.require_ack {
+            return conn.outbound.push(frame).is_ok();
+        }
+        self.acks
+            .record(conn.id, &conn.outbound, &publication.id, frame.clone());
+        let queued = conn.outbound.push(frame).is_ok();
+        if !queued {
+            // Closing or cut off as a slow consumer: nothing it owes will be re-sent.
+            self.acks.forget(conn.id);
+        }
+        queued
+    }
+
+    /// The `requireAck` publications local connections have not acknowledged yet.
+    pub fn acks(&self) -> &Acks {
+        &self.acks
     }
 
     /// Queues `frame` to every local connection of `user`; returns how many took it.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::protocol::envelope::{next_message_id, now_rfc3339};
+use crate::protocol::envelope::{next_message_id, now_rfc3339, rfc3339_of_millis};
 use crate::ws::{deflate, frame};
 
 /// How compressed frames are made (from the node's compression settings).
@@ -83,10 +83,31 @@ impl SharedFrame {
     }
 }
 
+/// Everything about a publication but its topic and payload, as it travels between nodes and
+/// sits in history (the spec documented for backends).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublicationMeta<'a> {
+    /// The `type` subscribers see.
+    pub kind: &'a str,
+    /// Position in the topic's sequence: `(seq, epoch)`; `None` for a plain `PUBLISH` from a
+    /// backend.
+    pub sequence: Option<(u64, &'a str)>,
+    /// The message id; default: `<epoch>:<seq>` when sequenced (the same on every node, in
+    /// history and in every re-send), else a fresh id.
+    pub id: Option<&'a str>,
+    /// When it was published, in milliseconds since the Unix epoch; default: now.
+    pub time_ms: Option<u64>,
+    /// Recipients must answer `ack` with the id, or get it again.
+    pub require_ack: bool,
+}
+
 /// A topic message ready for fan-out.
 #[derive(Debug, Clone)]
 pub struct Publication {
     pub topic: Arc<str>,
+    /// The message id every recipient sees (and acknowledges, when `require_ack`).
+    pub id: Arc<str>,
+    pub require_ack: bool,
     /// Position in the topic's sequence; `None` for messages a backend published straight to
     /// Redis without going through the sequencing script.
     pub seq: Option<u64>,
@@ -108,39 +129,63 @@ struct PublicationWire<'a> {
     seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     epoch: Option<&'a str>,
+    #[serde(rename = "requireAck", skip_serializing_if = "std::ops::Not::not")]
+    require_ack: bool,
     data: &'a RawValue,
 }
 
 impl Publication {
     /// Encodes `{type, id, timestamp, topic, seq, epoch, data}` into its frame, once.
     pub fn encode(topic: &str, kind: &str, seq: u64, epoch: &str, data: &RawValue) -> Self {
-        Self::encode_with(topic, kind, Some((seq, epoch)), data)
+        Self::from_meta(
+            topic,
+            &PublicationMeta {
+                kind,
+                sequence: Some((seq, epoch)),
+                ..PublicationMeta::default()
+            },
+            data,
+        )
     }
 
     /// Encodes a publication that has no place in the topic's sequence (no `seq`/`epoch`).
     pub fn encode_unsequenced(topic: &str, kind: &str, data: &RawValue) -> Self {
-        Self::encode_with(topic, kind, None, data)
+        Self::from_meta(
+            topic,
+            &PublicationMeta {
+                kind,
+                ..PublicationMeta::default()
+            },
+            data,
+        )
     }
 
-    fn encode_with(
-        topic: &str,
-        kind: &str,
-        sequence: Option<(u64, &str)>,
-        data: &RawValue,
-    ) -> Self {
-        let id = next_message_id();
-        let timestamp = now_rfc3339();
+    /// Encodes `{type, id, timestamp, topic, seq, epoch, requireAck, data}` into its frame, once.
+    pub fn from_meta(topic: &str, meta: &PublicationMeta<'_>, data: &RawValue) -> Self {
+        let sequence = meta.sequence;
+        let id: Arc<str> = match (meta.id, sequence) {
+            (Some(id), _) => Arc::from(id),
+            (None, Some((seq, epoch))) => Arc::from(format!("{epoch}:{seq}")),
+            (None, None) => Arc::from(next_message_id()),
+        };
+        let timestamp = match meta.time_ms {
+            Some(ms) => rfc3339_of_millis(ms),
+            None => now_rfc3339(),
+        };
         let frame = frame::json_text(&PublicationWire {
-            kind,
+            kind: meta.kind,
             id: &id,
             timestamp: &timestamp,
             topic,
             seq: sequence.map(|(seq, _)| seq),
             epoch: sequence.map(|(_, epoch)| epoch),
+            require_ack: meta.require_ack,
             data,
         });
         Publication {
             topic: Arc::from(topic),
+            id,
+            require_ack: meta.require_ack,
             seq: sequence.map(|(seq, _)| seq),
             epoch: sequence.map(|(_, epoch)| Arc::from(epoch)),
             data: Bytes::copy_from_slice(data.get().as_bytes()),

@@ -137,6 +137,12 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// A time in milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+pub fn rfc3339_of_millis(ms: u64) -> String {
+    let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// Current time in milliseconds since the Unix epoch (`serverTime`).
 pub fn now_millis() -> u64 {
     SystemTime::now()

@@ -1,11 +1,11 @@
 //! What a session does with each client message of the JSON protocol: `ping`, `heartbeat`,
-//! `refresh`, `subscribe` / `unsubscribe` (with the namespace permission checks), `publish`,
+//! `ack` (of a `requireAck` publication), `refresh`, `subscribe` / `unsubscribe` (with the namespace permission checks), `publish`,
 //! direct messages (`to`) and everything else (forwarded to backends). Each handler turns one
 //! message into hub and broker calls and a reply frame, or a [`Refusal`] that becomes an `error`.
 //!
 //! The frame-level read loop that calls these lives in `session`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -15,9 +15,13 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+/// How long a recovering subscribe waits for this node's subscription to the topic.
+const RECOVERY_SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 use super::session::Session;
 use crate::auth::{self, Action};
 use crate::broker::{Direct, Recipient, TopicMessage, UpstreamMessage};
+use crate::history::StreamPosition;
 use crate::hub::ConnId;
 use crate::protocol::codes::ErrorCode;
 use crate::protocol::envelope::{now_millis, request_id_of, server_message, ErrorBody, Inbound};
@@ -88,8 +92,9 @@ impl Session {
                 )))
             }
             "pong" => Ok(None),
+            "ack" => self.handle_ack(&msg),
             "refresh" => self.handle_refresh(&msg).map(Some),
-            "subscribe" => self.handle_subscribe(&msg).map(Some),
+            "subscribe" => self.handle_subscribe(&msg).await,
             "unsubscribe" => self.handle_unsubscribe(&msg).map(Some),
             "publish" => self.handle_publish(&msg).await.map(Some),
             _ if msg.to.is_some() => self.handle_direct(&msg).await,
@@ -104,17 +109,97 @@ impl Session {
         }
     }
 
-    fn handle_subscribe(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
+    /// `subscribe`. With `since` (or `recover: true`) each topic is recovered: the live
+    /// publications are held while the node makes sure it receives the topic and reads its
+    /// history after the client's position; the ack (with `recovered` and each topic's current
+    /// position) goes out, then the missed publications in order, then the held live ones that
+    /// follow them, with no gap and no duplicate.
+    async fn handle_subscribe(&mut self, msg: &Inbound<'_>) -> Result<Option<Bytes>, Refusal> {
         let req = SubscriptionRequest::from_message(msg)?;
-        let recovery = req.since.is_some();
-        let topics = self.subscribe(req.topics, req.filters.as_ref(), req.interval)?;
+        let recovery = req.recovery()?;
+        let topics = self.subscribe(req.topics, req.filters.as_ref(), req.interval, &recovery)?;
         let mut data = json!({"action": "subscribe", "topics": topics});
-        if recovery {
-            // History arrives with the history issue; until then say plainly that nothing was
-            // recovered rather than pretend the gap is empty.
-            data["recovered"] = Value::Bool(false);
+        if recovery.is_empty() {
+            return Ok(Some(self.reply("ack", msg.request_id(), data)));
         }
-        Ok(self.reply("ack", msg.request_id(), data))
+        let mut recovered_all = true;
+        let mut positions = serde_json::Map::new();
+        let mut replays = Vec::new();
+        for (topic, since) in &recovery {
+            let (recovered, position, replay) = self.recover(topic, since.as_ref()).await;
+            // Asking only for the position (no `since`) recovers nothing and loses nothing.
+            recovered_all &= recovered || since.is_none();
+            let mut entry = json!({ "position": position });
+            if since.is_some() {
+                entry["recovered"] = Value::Bool(recovered);
+            }
+            positions.insert(topic.clone(), entry);
+            replays.push((topic, replay));
+        }
+        data["recovered"] = Value::Bool(recovered_all);
+        data["recovery"] = Value::Object(positions);
+        let _ = self
+            .conn
+            .outbound
+            .push(self.reply("ack", msg.request_id(), data));
+        for (topic, replay) in replays {
+            self.ctx.hub.finish_recovery(topic, self.conn.id, replay);
+        }
+        Ok(None)
+    }
+
+    /// Reads what `topic` published after `since`, once this node is sure to receive the
+    /// topic live. Returns whether that is complete, the topic's current position, and the
+    /// publications to replay (none when incomplete: a partial replay would hide the gap).
+    async fn recover(
+        &self,
+        topic: &str,
+        since: Option<&StreamPosition>,
+    ) -> (bool, Option<StreamPosition>, Vec<crate::hub::Publication>) {
+        let history = self.ctx.settings.namespace_of(topic).history;
+        if !self
+            .ctx
+            .broker
+            .await_subscribed(topic, RECOVERY_SUBSCRIBE_TIMEOUT)
+            .await
+        {
+            return (false, None, Vec::new());
+        }
+        let limit = if since.is_some() { history.size } else { 0 };
+        match self.ctx.broker.history(topic, since, limit).await {
+            Ok(page) if page.complete && since.is_some() => {
+                (true, page.position, page.publications)
+            }
+            Ok(page) => (false, page.position, Vec::new()),
+            Err(e) => {
+                tracing::debug!(topic, error = %e, "history unavailable for recovery");
+                (false, None, Vec::new())
+            }
+        }
+    }
+
+    /// `ack` of `requireAck` publications: their ids in `data.id`, `data.messageId` or the list
+    /// `data.ids` (any of them, together). Those ids stop being re-sent. No reply: an ack is an
+    /// answer itself, and an id this connection does not owe (unknown, already acknowledged,
+    /// given up) is ignored silently, since it may be a late duplicate. Only an ack that names
+    /// no id at all, or not as strings, gets an `error`.
+    fn handle_ack(&self, msg: &Inbound<'_>) -> Result<Option<Bytes>, Refusal> {
+        let req: AckRequest = parse_data(msg.payload())?;
+        let ids: Vec<&str> = req
+            .id
+            .iter()
+            .chain(req.message_id.iter())
+            .chain(req.ids.iter().flatten())
+            .map(String::as_str)
+            .collect();
+        if ids.is_empty() {
+            return Err(Refusal::new(
+                ErrorCode::InvalidMessageFormat,
+                "ack needs the message id in `data.id` (or `data.messageId`, or a list in `data.ids`)",
+            ));
+        }
+        self.ctx.hub.acks().acknowledge(self.conn.id, &ids);
+        Ok(None)
     }
 
     /// `refresh` with `data.token`: a new token for the same user replaces the connection's
@@ -214,6 +299,7 @@ impl Session {
         topics: Vec<String>,
         filters: Option<&Value>,
         interval_ms: Option<u64>,
+        recovering: &[(String, Option<StreamPosition>)],
     ) -> Result<Vec<String>, Refusal> {
         let ws = &self.ctx.settings.ws;
         let bad: Vec<String> = topics
@@ -268,7 +354,12 @@ impl Session {
                 .cloned()
                 .unwrap_or_else(|| Arc::from(name.as_str()));
             let opts = options.get(name).cloned().unwrap_or_default();
-            if self.ctx.hub.subscribe(&topic, &self.conn, &opts) {
+            let first = if recovering.iter().any(|(t, _)| t == name) {
+                self.ctx.hub.subscribe_recovering(&topic, &self.conn, &opts)
+            } else {
+                self.ctx.hub.subscribe(&topic, &self.conn, &opts)
+            };
+            if first {
                 self.ctx.broker.topic_interest(&topic, true);
             }
             if self.subscriptions.insert(Arc::clone(&topic)) {
@@ -284,8 +375,8 @@ impl Session {
         let req: PublishRequest = match msg.topic.as_deref() {
             Some(topic) => PublishRequest {
                 topic: Some(topic.to_string()),
-                kind: None,
                 data: msg.payload().map(RawValue::to_owned),
+                ..PublishRequest::default()
             },
             None => parse_data(msg.payload())?,
         };
@@ -300,16 +391,21 @@ impl Session {
             .ctx
             .broker
             .publish(TopicMessage {
-                topic: topic.clone(),
-                kind: req.kind.unwrap_or_else(|| "message".to_string()),
-                data,
+                idempotency_key: req.idempotency_key,
+                require_ack: req.require_ack,
+                ..TopicMessage::new(
+                    topic.clone(),
+                    req.kind.unwrap_or_else(|| "message".to_string()),
+                    data,
+                )
             })
             .await
             .map_err(|e| Refusal::new(ErrorCode::Unavailable, e.to_string()))?;
         Ok(self.reply(
             "ack",
             msg.request_id(),
-            json!({"action": "publish", "topic": topic, "seq": receipt.seq, "epoch": receipt.epoch}),
+            json!({"action": "publish", "topic": topic, "seq": receipt.seq, "epoch": receipt.epoch,
+                   "duplicate": receipt.duplicate}),
         ))
     }
 
@@ -449,6 +545,8 @@ struct SubscriptionData {
     interval: Option<u64>,
     #[serde(default)]
     since: Option<Value>,
+    #[serde(default)]
+    recover: bool,
 }
 
 struct SubscriptionRequest {
@@ -456,9 +554,39 @@ struct SubscriptionRequest {
     filters: Option<Value>,
     interval: Option<u64>,
     since: Option<Value>,
+    recover: bool,
 }
 
 impl SubscriptionRequest {
+    /// The topics to recover and each one's starting position: `since` is `{seq, epoch}` (for
+    /// every listed topic) or `{TOPIC: {seq, epoch}, ...}`; `recover: true` alone asks for the
+    /// positions only. Empty when neither was given.
+    fn recovery(&self) -> Result<Vec<(String, Option<StreamPosition>)>, Refusal> {
+        let bad = |e: serde_json::Error| {
+            Refusal::new(
+                ErrorCode::InvalidSubscription,
+                format!("`since` must be {{seq, epoch}} or {{topic: {{seq, epoch}}}}: {e}"),
+            )
+        };
+        let per_topic: HashMap<String, StreamPosition> = match &self.since {
+            None | Some(Value::Null) if !self.recover => return Ok(Vec::new()),
+            None | Some(Value::Null) => HashMap::new(),
+            Some(v) if v.get("seq").is_some() => {
+                let at: StreamPosition = serde_json::from_value(v.clone()).map_err(bad)?;
+                self.topics
+                    .iter()
+                    .map(|t| (t.clone(), at.clone()))
+                    .collect()
+            }
+            Some(v) => serde_json::from_value(v.clone()).map_err(bad)?,
+        };
+        Ok(self
+            .topics
+            .iter()
+            .map(|t| (t.clone(), per_topic.get(t).cloned()))
+            .collect())
+    }
+
     fn from_message(msg: &Inbound<'_>) -> Result<Self, Refusal> {
         let data: SubscriptionData = parse_data(msg.data)?;
         let mut topics: Vec<String> = Vec::new();
@@ -484,8 +612,20 @@ impl SubscriptionRequest {
             filters: data.filters,
             interval: data.interval,
             since: data.since,
+            recover: data.recover,
         })
     }
+}
+
+/// The `data` of `ack`: the ids of the acknowledged publications.
+#[derive(Debug, Default, Deserialize)]
+struct AckRequest {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(rename = "messageId", default)]
+    message_id: Option<String>,
+    #[serde(default)]
+    ids: Option<Vec<String>>,
 }
 
 /// The `data` of `refresh`.
@@ -503,6 +643,10 @@ struct PublishRequest {
     kind: Option<String>,
     #[serde(default)]
     data: Option<Box<RawValue>>,
+    #[serde(rename = "idempotencyKey", default)]
+    idempotency_key: Option<String>,
+    #[serde(rename = "requireAck", default)]
+    require_ack: bool,
 }
 
 /// Parses a message's `data` into `T`; absent `data` gives `T::default()`.

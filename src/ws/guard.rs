@@ -293,7 +293,11 @@ impl<R> FrameGuard<R> {
                 return Err(GuardError::Protocol("RSV1 set on a continuation frame"));
             }
             0x0 if self.captured => {
-                let size = self.capture.as_ref().map_or(0, |c| c.data.len() as u64) + payload;
+                let size = self
+                    .capture
+                    .as_ref()
+                    .map_or(0, |c| c.data.len() as u64)
+                    .saturating_add(payload);
                 self.check_compressed(size)?;
             }
             0x1 | 0x2 if self.capture.is_some() || self.plain_in_message => {
@@ -565,6 +569,28 @@ mod tests {
             expected.extend(&after);
             assert_eq!(out, expected, "chunk {chunk}");
         }
+    }
+
+    /// Found by fuzzing (fuzz target `frame_reader`): a continuation of a compressed message with
+    /// a 64-bit length near `u64::MAX` overflowed the message's running size. With overflow
+    /// checks that panicked; without them (release) the size wrapped to a small number, passed
+    /// the limit, and everything the client sent after it was captured without bound.
+    #[test]
+    fn a_huge_continuation_of_a_compressed_message_is_refused() {
+        let mut stream = masked_frame(false, true, 0x1, b"abcde", [0; 4]);
+        stream.extend([0x80, 0xFF]);
+        stream.extend(u64::MAX.to_be_bytes());
+        stream.extend([1, 2, 3, 4]);
+        stream.extend([0; 64]);
+        let (out, err) = run(&mut inflating(65_536), &stream, 4096);
+        assert_eq!(out, b"");
+        assert_eq!(
+            err,
+            Some(GuardError::MessageTooBig {
+                size: u64::MAX,
+                max: 65_536
+            })
+        );
     }
 
     #[test]

@@ -186,7 +186,7 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         let initial = if start.initial_topics.is_empty() {
             Ok(Vec::new())
         } else {
-            session.subscribe(start.initial_topics, None, None)
+            session.subscribe(start.initial_topics, None, None, &[])
         };
         let _ = outbound.push(session.connection_message());
         if let Err(refusal) = initial {

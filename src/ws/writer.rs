@@ -106,6 +106,15 @@ impl Outbound {
         Ok(())
     }
 
+    /// Takes every queued frame (unit tests read a queue without a writer).
+    #[cfg(test)]
+    pub fn drain_for_test(&self) -> Vec<Bytes> {
+        let mut st = self.state.lock();
+        let frames: Vec<Bytes> = st.frames.drain(..).collect();
+        st.bytes -= frames.iter().map(Bytes::len).sum::<usize>();
+        frames
+    }
+
     /// Asks the writer to flush what is queued, send a `disconnect` notice (unless `code` is a
     /// plain echo of the client's close) and a close frame, then end. The first close wins.
     pub fn close(&self, code: CloseCode, reason: &str) {

@@ -151,6 +151,27 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Runs every line of `script` through one `redis-cli -p PORT` session, back to back (no
+    /// other client can get in between on a busy loopback); returns its stdout.
+    pub fn cli_script(&self, script: &str) -> String {
+        use std::io::Write;
+        let mut child = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run redis-cli");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write the script");
+        let out = child.wait_with_output().expect("redis-cli output");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// The `calls` of one command in `INFO commandstats` (0 when it never ran).
     pub fn command_calls(&self, command: &str) -> u64 {
         let stats = self.cli(&["INFO", "commandstats"]);

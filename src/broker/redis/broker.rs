@@ -30,6 +30,8 @@ use tokio::task::JoinHandle;
 
 use super::admission::{AdmissionConfig, ClusterAdmission};
 use super::commands::Commands;
+use super::gapfill::{GapFiller, HistoryReader};
+use super::history;
 use super::inbound;
 use super::keys;
 use super::presence::{Presence, PresenceConfig, PresenceEntry, PresenceError};
@@ -41,26 +43,12 @@ use crate::broker::{
     PresenceMember, PublishReceipt, Recipient, TopicMessage, UpstreamMessage,
 };
 use crate::config::Settings;
+use crate::history::{HistoryPage, StreamPosition};
 use crate::hub::{Connection, Hub};
 use crate::limits::ConnectionSlots;
 
 /// Upstream stream length cap (approximate trimming keeps XADD cheap).
 const UPSTREAM_MAXLEN: usize = 100_000;
-
-/// INCR the topic's sequence, (re)set its epoch when the sequence starts, publish the spec with
-/// `seq` and `epoch` spliced in front of its fields, return both.
-/// KEYS: seq, epoch, channel. ARGV: the spec without its opening `{`, a fresh epoch, the
-/// publish command (PUBLISH, or SPUBLISH in cluster mode).
-const PUBLISH_SCRIPT: &str = r#"
-local seq = redis.call('INCR', KEYS[1])
-local epoch = redis.call('GET', KEYS[2])
-if seq == 1 or not epoch then
-  epoch = ARGV[2]
-  redis.call('SET', KEYS[2], epoch)
-end
-redis.call(ARGV[3], KEYS[3], '{"seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .. ARGV[1])
-return {seq, epoch}
-"#;
 
 /// One Redis instance (or the whole cluster): where commands go and this node's subscription
 /// connection to it.
@@ -82,7 +70,10 @@ pub struct RedisBroker {
     hub: Arc<Hub>,
     node_id: String,
     shards: Vec<Shard>,
-    publish_script: redis::Script,
+    /// The `wsgate` Redis Function library for these settings (`history`).
+    library: Arc<str>,
+    /// Keeps every topic's live stream gap-free and in order on this node.
+    gaps: Arc<GapFiller>,
     /// `PUBLISH`, or `SPUBLISH` on Redis Cluster.
     publish_command: &'static str,
     presence: Arc<Presence>,
@@ -117,10 +108,12 @@ impl RedisBroker {
         slots: Arc<ConnectionSlots>,
     ) -> Result<Self, BrokerError> {
         let node_id = settings.node_id.clone();
+        let gaps = GapFiller::new(Arc::clone(&hub));
         let handler = || {
             let hub = Arc::clone(&hub);
+            let gaps = Arc::clone(&gaps);
             Arc::new(move |channel: &str, payload: &[u8]| {
-                if let Err(e) = inbound::dispatch(&hub, channel, payload) {
+                if let Err(e) = inbound::dispatch(&hub, &gaps, channel, payload) {
                     tracing::warn!(channel, error = %e, "dropped a message from redis");
                 }
             })
@@ -190,9 +183,33 @@ impl RedisBroker {
                 ..PresenceConfig::new(node_id.as_str())
             },
         ));
+        let library: Arc<str> = Arc::from(history::library_code(settings));
+        for shard in &shards {
+            // Backends may call FCALL before any client publishes; a failure here is retried
+            // by the first publish that finds the library missing.
+            let commands = shard.commands.clone();
+            let code = Arc::clone(&library);
+            tokio::spawn(async move {
+                if let Err(e) = history::load_library(&commands, &code).await {
+                    tracing::debug!(error = %e, "wsgate functions not loaded yet");
+                }
+            });
+        }
+        gaps.set_reader(history_reader(
+            shards.iter().map(|s| s.commands.clone()).collect(),
+            Arc::clone(&library),
+        ));
         let (presence_ops, ops_rx) = mpsc::unbounded_channel();
         let counts_hub = Arc::clone(&hub);
         let background = vec![
+            tokio::spawn(resync_after_reconnects(
+                shards
+                    .iter()
+                    .map(|s| (s.subscriber.clone(), s.commands.clone()))
+                    .collect(),
+                Arc::clone(&gaps),
+                Arc::clone(&library),
+            )),
             admission.spawn_maintenance(),
             presence
                 .spawn_heartbeat(move || (counts_hub.connection_count(), counts_hub.user_count())),
@@ -210,7 +227,8 @@ impl RedisBroker {
             hub,
             node_id,
             shards,
-            publish_script: redis::Script::new(PUBLISH_SCRIPT),
+            library,
+            gaps,
             publish_command: if cluster { "SPUBLISH" } else { "PUBLISH" },
             presence,
             presence_ops,
@@ -255,6 +273,63 @@ impl RedisBroker {
     }
 }
 
+/// Publications fetched per history read while filling a gap in a topic's live stream.
+const GAP_FILL_PAGE: usize = 10_000;
+
+/// How often the subscription connections' reconnect counts are looked at.
+const RECONNECT_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Reads a topic's history on the Redis that holds it, for the gap filler.
+fn history_reader(shards: Vec<Commands>, library: Arc<str>) -> HistoryReader {
+    let shards = Arc::new(shards);
+    Arc::new(move |topic: String, from: StreamPosition| {
+        let shards = Arc::clone(&shards);
+        let library = Arc::clone(&library);
+        Box::pin(async move {
+            let commands = &shards[shard_of(&topic, shards.len())];
+            let mut conn = commands.get().await.map_err(unavailable)?;
+            match history::read(&mut conn, &topic, Some(&from), GAP_FILL_PAGE).await {
+                Err(e) if history::is_missing_function(&e) => {
+                    history::load_library(commands, &library).await?;
+                    history::read(&mut conn, &topic, Some(&from), GAP_FILL_PAGE).await
+                }
+                other => other,
+            }
+            .map_err(unavailable)
+        })
+    })
+}
+
+/// Whenever a subscription connection comes back (its reconnect count moves), whatever was
+/// published while it was down is fetched from history for every topic this node holds, and
+/// the function library is loaded again on that Redis (it may have restarted empty, and
+/// backends calling `FCALL wsgate_publish` need it before any node publishes).
+async fn resync_after_reconnects(
+    shards: Vec<(Subscriber, Commands)>,
+    gaps: Arc<GapFiller>,
+    library: Arc<str>,
+) {
+    let mut seen: Vec<u64> = shards.iter().map(|(s, _)| s.reconnects()).collect();
+    let mut tick = tokio::time::interval(RECONNECT_POLL);
+    loop {
+        tick.tick().await;
+        let now: Vec<u64> = shards.iter().map(|(s, _)| s.reconnects()).collect();
+        if now == seen {
+            continue;
+        }
+        for (i, (_, commands)) in shards.iter().enumerate() {
+            if now[i] != seen[i] {
+                if let Err(e) = history::load_library(commands, &library).await {
+                    tracing::warn!(error = %e, "could not reload the wsgate functions");
+                }
+            }
+        }
+        tracing::info!("redis subscription restored: filling every topic from history");
+        gaps.resync_all();
+        seen = now;
+    }
+}
+
 async fn apply_presence_ops(presence: Arc<Presence>, mut ops: mpsc::UnboundedReceiver<PresenceOp>) {
     while let Some(op) = ops.recv().await {
         let result = match &op {
@@ -285,37 +360,73 @@ fn spec_json(spec: &DirectSpecOut<'_>) -> Result<String, BrokerError> {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn publish(&self, msg: TopicMessage) -> Result<PublishReceipt, BrokerError> {
-        #[derive(Serialize)]
-        struct TopicSpecOut<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            data: &'a RawValue,
-        }
-        let spec = serde_json::to_string(&TopicSpecOut {
-            kind: &msg.kind,
-            data: &msg.data,
-        })
-        .map_err(|e| BrokerError::Unavailable(format!("encoding: {e}")))?;
-        let fields = spec.strip_prefix('{').unwrap_or(&spec);
         let shard = self.shard_for(&msg.topic);
         let mut conn = shard.commands.get().await.map_err(unavailable)?;
-        let (seq, epoch): (u64, String) = self
-            .publish_script
-            .key(keys::topic_seq_key(&msg.topic))
-            .key(keys::topic_epoch_key(&msg.topic))
-            .key(keys::topic_channel(&msg.topic))
-            .arg(fields)
-            .arg(format!("{:08x}", rand::random::<u32>()))
-            .arg(self.publish_command)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let idempotency_key = msg.idempotency_key.as_deref();
+        let data = msg.data.get();
+        let mut published = history::publish(
+            &mut conn,
+            &msg.topic,
+            &msg.kind,
+            data,
+            idempotency_key,
+            msg.require_ack,
+        )
+        .await;
+        if let Err(e) = &published {
+            if history::is_missing_function(e) {
+                // Redis lost the library (restarted without persistence, or flushed).
+                history::load_library(&shard.commands, &self.library).await?;
+                published = history::publish(
+                    &mut conn,
+                    &msg.topic,
+                    &msg.kind,
+                    data,
+                    idempotency_key,
+                    msg.require_ack,
+                )
+                .await;
+            }
+        }
+        let published = published.map_err(unavailable)?;
         Ok(PublishReceipt {
-            seq,
-            epoch,
+            seq: published.position.seq,
+            epoch: published.position.epoch,
             // Local subscribers get it through our own subscription, like every other node.
             delivered_here: 0,
+            duplicate: published.duplicate,
         })
+    }
+
+    async fn history(
+        &self,
+        topic: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError> {
+        let shard = self.shard_for(topic);
+        let mut conn = shard.commands.get().await.map_err(unavailable)?;
+        match history::read(&mut conn, topic, since, limit).await {
+            Err(e) if history::is_missing_function(&e) => {
+                history::load_library(&shard.commands, &self.library).await?;
+                history::read(&mut conn, topic, since, limit).await
+            }
+            other => other,
+        }
+        .map_err(unavailable)
+    }
+
+    async fn await_subscribed(&self, topic: &str, timeout: std::time::Duration) -> bool {
+        let subscriber = &self.shard_for(topic).subscriber;
+        let channel = keys::topic_channel(topic);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !subscriber.is_subscribed(&channel) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        true
     }
 
     async fn send(&self, msg: Direct) -> Result<usize, BrokerError> {
@@ -401,6 +512,7 @@ impl Broker for RedisBroker {
             shard.subscriber.add(channel);
         } else {
             shard.subscriber.remove(channel);
+            self.gaps.forget(topic);
         }
     }
 

@@ -13,14 +13,16 @@
 //! not disturb anything else.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::gapfill::GapFiller;
 use super::keys::{classify, ChannelKind};
 use crate::broker::memory::{deliver_direct, disconnect_local};
 use crate::broker::{Direct, DisconnectTarget, Recipient};
-use crate::hub::{ConnId, Hub, Publication};
+use crate::hub::{ConnId, Hub, Publication, PublicationMeta};
 
 #[derive(Debug, Deserialize)]
 struct TopicSpec<'a> {
@@ -30,8 +32,33 @@ struct TopicSpec<'a> {
     seq: Option<u64>,
     #[serde(borrow, default)]
     epoch: Option<Cow<'a, str>>,
+    /// Publish time (ms since the Unix epoch), set by `wsgate_publish`.
+    #[serde(default)]
+    ts: Option<u64>,
+    #[serde(rename = "requireAck", default)]
+    require_ack: bool,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+}
+
+/// Encodes a topic spec (from the topic channel or the topic's history stream) for `topic`.
+pub fn publication_from_spec(topic: &str, payload: &[u8]) -> Result<Publication, InboundError> {
+    let spec: TopicSpec<'_> = serde_json::from_slice(payload)?;
+    let meta = PublicationMeta {
+        kind: spec.kind.as_deref().unwrap_or("message"),
+        sequence: match (spec.seq, spec.epoch.as_deref()) {
+            (Some(seq), Some(epoch)) => Some((seq, epoch)),
+            _ => None,
+        },
+        id: None,
+        time_ms: spec.ts,
+        require_ack: spec.require_ack,
+    };
+    Ok(Publication::from_meta(
+        topic,
+        &meta,
+        spec.data.unwrap_or(RawValue::NULL),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,19 +100,19 @@ pub enum InboundError {
 }
 
 /// Delivers one message from `channel` to this node's local connections; returns how many
-/// connections it was queued to.
-pub fn dispatch(hub: &Hub, channel: &str, payload: &[u8]) -> Result<usize, InboundError> {
+/// connections it was queued to (topic publications go through `topics`, which keeps each
+/// topic's stream in order and may hold one while it fills a gap: 0 is returned for those).
+pub fn dispatch(
+    hub: &Hub,
+    topics: &Arc<GapFiller>,
+    channel: &str,
+    payload: &[u8],
+) -> Result<usize, InboundError> {
     let kind = classify(channel).ok_or_else(|| InboundError::UnknownChannel(channel.into()))?;
     match kind {
         ChannelKind::Topic(topic) => {
-            let spec: TopicSpec<'_> = serde_json::from_slice(payload)?;
-            let kind = spec.kind.as_deref().unwrap_or("message");
-            let data = spec.data.unwrap_or(RawValue::NULL);
-            let publication = match (spec.seq, spec.epoch.as_deref()) {
-                (Some(seq), Some(epoch)) => Publication::encode(topic, kind, seq, epoch, data),
-                _ => Publication::encode_unsequenced(topic, kind, data),
-            };
-            Ok(hub.deliver(&publication).delivered)
+            topics.offer(publication_from_spec(topic, payload)?);
+            Ok(0)
         }
         ChannelKind::User(user) => {
             let spec: DirectSpec<'_> = serde_json::from_slice(payload)?;

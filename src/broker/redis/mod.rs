@@ -4,6 +4,8 @@
 pub mod admission;
 pub mod broker;
 pub mod commands;
+pub mod gapfill;
+pub mod history;
 pub mod inbound;
 pub mod keys;
 pub mod presence;

@@ -285,6 +285,11 @@ impl Subscriber {
         v
     }
 
+    /// Whether `channel` is subscribed on the server right now (its messages reach this node).
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.inner.shared.subscribed.lock().contains(channel)
+    }
+
     /// Count of reconnects so far (for logs/metrics/tests): successful connections after a lost
     /// one. The first connection (even after Redis was down at start) is not a reconnect.
     pub fn reconnects(&self) -> u64 {
