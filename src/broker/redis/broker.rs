@@ -287,15 +287,7 @@ fn history_reader(shards: Vec<Commands>, library: Arc<str>) -> HistoryReader {
         let library = Arc::clone(&library);
         Box::pin(async move {
             let commands = &shards[shard_of(&topic, shards.len())];
-            let mut conn = commands.get().await.map_err(unavailable)?;
-            match history::read(&mut conn, &topic, Some(&from), GAP_FILL_PAGE).await {
-                Err(e) if history::is_missing_function(&e) => {
-                    history::load_library(commands, &library).await?;
-                    history::read(&mut conn, &topic, Some(&from), GAP_FILL_PAGE).await
-                }
-                other => other,
-            }
-            .map_err(unavailable)
+            history::read(commands, &library, &topic, Some(&from), GAP_FILL_PAGE).await
         })
     })
 }
@@ -361,34 +353,7 @@ fn spec_json(spec: &DirectSpecOut<'_>) -> Result<String, BrokerError> {
 impl Broker for RedisBroker {
     async fn publish(&self, msg: TopicMessage) -> Result<PublishReceipt, BrokerError> {
         let shard = self.shard_for(&msg.topic);
-        let mut conn = shard.commands.get().await.map_err(unavailable)?;
-        let idempotency_key = msg.idempotency_key.as_deref();
-        let data = msg.data.get();
-        let mut published = history::publish(
-            &mut conn,
-            &msg.topic,
-            &msg.kind,
-            data,
-            idempotency_key,
-            msg.require_ack,
-        )
-        .await;
-        if let Err(e) = &published {
-            if history::is_missing_function(e) {
-                // Redis lost the library (restarted without persistence, or flushed).
-                history::load_library(&shard.commands, &self.library).await?;
-                published = history::publish(
-                    &mut conn,
-                    &msg.topic,
-                    &msg.kind,
-                    data,
-                    idempotency_key,
-                    msg.require_ack,
-                )
-                .await;
-            }
-        }
-        let published = published.map_err(unavailable)?;
+        let published = history::publish(&shard.commands, &self.library, &msg).await?;
         Ok(PublishReceipt {
             seq: published.position.seq,
             epoch: published.position.epoch,
@@ -405,15 +370,7 @@ impl Broker for RedisBroker {
         limit: usize,
     ) -> Result<HistoryPage, BrokerError> {
         let shard = self.shard_for(topic);
-        let mut conn = shard.commands.get().await.map_err(unavailable)?;
-        match history::read(&mut conn, topic, since, limit).await {
-            Err(e) if history::is_missing_function(&e) => {
-                history::load_library(&shard.commands, &self.library).await?;
-                history::read(&mut conn, topic, since, limit).await
-            }
-            other => other,
-        }
-        .map_err(unavailable)
+        history::read(&shard.commands, &self.library, topic, since, limit).await
     }
 
     async fn await_subscribed(&self, topic: &str, timeout: std::time::Duration) -> bool {

@@ -24,7 +24,7 @@ use redis::Value;
 use super::commands::Commands;
 use super::inbound;
 use super::keys;
-use crate::broker::{BrokerError, IDEMPOTENCY_WINDOW};
+use crate::broker::{BrokerError, TopicMessage, IDEMPOTENCY_WINDOW};
 use crate::config::{HistorySettings, Settings};
 use crate::history::{HistoryPage, StreamPosition};
 
@@ -212,7 +212,7 @@ pub async fn load_library(commands: &Commands, code: &str) -> Result<(), BrokerE
 
 /// Whether an error says the library is missing (Redis restarted without persistence, or was
 /// flushed), so loading it again and retrying is the cure.
-pub fn is_missing_function(e: &redis::RedisError) -> bool {
+fn is_missing_function(e: &redis::RedisError) -> bool {
     let text = e.to_string();
     text.contains("Function not found") || text.contains("function not found")
 }
@@ -224,23 +224,56 @@ pub struct Published {
     pub duplicate: bool,
 }
 
-/// Calls `wsgate_publish` for one publication.
-pub async fn publish<C: ConnectionLike>(
-    conn: &mut C,
+/// Publishes through `wsgate_publish` on `commands`' Redis (loading the library again first
+/// if that Redis lost it).
+pub async fn publish(
+    commands: &Commands,
+    library: &str,
+    msg: &TopicMessage,
+) -> Result<Published, BrokerError> {
+    let mut conn = commands.get().await.map_err(unavailable)?;
+    match call_publish(&mut conn, msg).await {
+        Err(e) if is_missing_function(&e) => {
+            load_library(commands, library).await?;
+            call_publish(&mut conn, msg).await
+        }
+        other => other,
+    }
+    .map_err(unavailable)
+}
+
+/// Reads `topic`'s history after `since` through `wsgate_history` (see
+/// [`HistoryPage::after`]), loading the library again first if that Redis lost it.
+pub async fn read(
+    commands: &Commands,
+    library: &str,
     topic: &str,
-    kind: &str,
-    data: &str,
-    idempotency_key: Option<&str>,
-    require_ack: bool,
+    since: Option<&StreamPosition>,
+    limit: usize,
+) -> Result<HistoryPage, BrokerError> {
+    let mut conn = commands.get().await.map_err(unavailable)?;
+    match call_history(&mut conn, topic, since, limit).await {
+        Err(e) if is_missing_function(&e) => {
+            load_library(commands, library).await?;
+            call_history(&mut conn, topic, since, limit).await
+        }
+        other => other,
+    }
+    .map_err(unavailable)
+}
+
+async fn call_publish<C: ConnectionLike>(
+    conn: &mut C,
+    msg: &TopicMessage,
 ) -> Result<Published, redis::RedisError> {
     let (seq, epoch, duplicate): (u64, String, u8) = redis::cmd("FCALL")
         .arg("wsgate_publish")
         .arg(1)
-        .arg(keys::topic_channel(topic))
-        .arg(kind)
-        .arg(data)
-        .arg(idempotency_key.unwrap_or(""))
-        .arg(if require_ack { "1" } else { "" })
+        .arg(keys::topic_channel(&msg.topic))
+        .arg(&msg.kind)
+        .arg(msg.data.get())
+        .arg(msg.idempotency_key.as_deref().unwrap_or(""))
+        .arg(if msg.require_ack { "1" } else { "" })
         .arg("trusted")
         .query_async(conn)
         .await?;
@@ -250,8 +283,7 @@ pub async fn publish<C: ConnectionLike>(
     })
 }
 
-/// Reads `topic`'s history after `since` (see [`HistoryPage::after`]).
-pub async fn read<C: ConnectionLike>(
+async fn call_history<C: ConnectionLike>(
     conn: &mut C,
     topic: &str,
     since: Option<&StreamPosition>,
