@@ -32,15 +32,14 @@ mod common;
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
 
-use wsgate::hub::{Connection, DeflateParams, Delivery, Hub, Publication};
+use wsgate::hub::{DeflateParams, Delivery, Hub, Publication};
 use wsgate::protocol::filter::SubscriptionOptions;
 use wsgate::ws::frame;
-use wsgate::ws::writer::Outbound;
 
 /// A 1001-byte publication `data`, the kind of JSON that compresses to about half.
 const DATA: &str = common::ROUTE_UPDATE_1001B;
@@ -88,15 +87,7 @@ fn build_hub(mode: Mode) -> Arc<Hub> {
             Mode::Deflate => Some(DEFLATE),
             Mode::Mixed => (i % 2 == 0).then_some(DEFLATE),
         };
-        let conn = Arc::new(Connection {
-            id: hub.next_conn_id(),
-            client_id: Arc::from(format!("client-{i}")),
-            user_id: Some(Arc::from(format!("user-{i}"))),
-            // Large enough never to overflow between rebuilds.
-            outbound: Outbound::new(1 << 40),
-            connected_at: SystemTime::now(),
-            deflate,
-        });
+        let conn = common::connection(&hub, i, deflate);
         hub.register(Arc::clone(&conn));
         hub.subscribe(&topic, &conn, &options);
     }

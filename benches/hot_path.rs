@@ -30,17 +30,16 @@ mod common;
 use std::borrow::Cow;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use simd_json::BorrowedValue;
 
-use wsgate::hub::{Connection, Hub, Publication};
+use wsgate::hub::{Hub, Publication};
 use wsgate::protocol::envelope::Inbound;
 use wsgate::protocol::filter::{options_per_topic, SubscriptionOptions};
-use wsgate::ws::writer::Outbound;
 
 /// A small client publish (the shape of a chat message).
 const SMALL_ENVELOPE: &str =
@@ -75,7 +74,7 @@ const LARGE_ENVELOPE: &str = concat!(
 );
 
 /// A 101-byte publication `data` (also the fan-out payload; `status` is what filters look at).
-const SMALL_DATA: &str = r#"{"status":"ACTIVE","routeId":"rt-5f2c9a0e","driver":"drv-1093","eta":"2026-11-23T11:10:00Z","stop":3}"#;
+const SMALL_DATA: &str = common::DATA_101B;
 
 /// A 1001-byte publication `data`.
 const LARGE_DATA: &str = common::ROUTE_UPDATE_1001B;
@@ -225,7 +224,7 @@ fn envelope_parse(c: &mut Criterion) {
 }
 
 fn raw(json: &str) -> Box<RawValue> {
-    RawValue::from_string(json.to_owned()).expect("valid JSON")
+    common::raw(json)
 }
 
 fn publication_encode(c: &mut Criterion) {
@@ -305,15 +304,7 @@ fn build_hub(filtering: Filtering) -> Arc<Hub> {
     let plain = SubscriptionOptions::default();
     let hub = Hub::new();
     for i in 0..FANOUT {
-        let conn = Arc::new(Connection {
-            id: hub.next_conn_id(),
-            client_id: Arc::from(format!("client-{i}")),
-            user_id: Some(Arc::from(format!("user-{i}"))),
-            // Large enough never to overflow between rebuilds.
-            outbound: Outbound::new(1 << 40),
-            connected_at: SystemTime::now(),
-            deflate: None,
-        });
+        let conn = common::connection(&hub, i, None);
         hub.register(Arc::clone(&conn));
         let options = if i % 2 == 1 { &filtered } else { &plain };
         hub.subscribe(&topic, &conn, options);

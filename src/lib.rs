@@ -11,7 +11,8 @@
 //!
 //! `history` holds topic history (positions, pages, the in-memory ring); `protocol` holds the wire format (envelope, codes, filters, topic rules), `config` the
 //! settings, `auth` identity and API access, `limits` rate limiting and admission, `metrics` the
-//! Prometheus names, and `node` the wiring and shutdown.
+//! Prometheus names and hot-path counters, `sys` the `$sys.metrics` / `$sys.health` snapshots,
+//! and `node` the wiring and shutdown.
 
 pub mod auth;
 pub mod broker;
@@ -23,4 +24,5 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod sys;
 pub mod ws;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wsgate::config::cli::{check_config, resolve, summary};
+use wsgate::config::cli::{check_config, resolve, summary, LogFormat};
 use wsgate::config::{Cli, Command, RunArgs};
 
 fn main() -> ExitCode {
@@ -51,7 +51,17 @@ fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Both formats carry the same fields; credentials never reach them (tokens, API keys and
+    // Redis passwords are `Secret`s or redacted URLs wherever they could be logged).
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_env_filter(filter)
+            .init(),
+    }
 
     let settings = match resolve(args) {
         Ok(settings) => settings,

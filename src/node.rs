@@ -2,8 +2,15 @@
 //!
 //! [`start`] binds and serves in the background and returns a [`RunningNode`] handle (tests and
 //! benches embed nodes this way); [`run_until_signal`] is what the binary does: start, wait for
-//! SIGTERM or SIGINT, shut down.
+//! SIGTERM or SIGINT, drain ([`RunningNode::drain`]), exit.
+//!
+//! A drain spreads the disconnects of a node's clients over `Settings.drain` (`--drain-seconds`),
+//! so that a rolling restart does not send every client back to the load balancer at the same
+//! instant: `/readyz` turns 503 and new upgrades are refused at once, while the clients already
+//! connected keep being served until their turn, when each gets a `disconnect` notice
+//! `{code: 1001, reconnect: true}` after whatever was queued for it, and a close frame.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,13 +25,20 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::Broker;
 use crate::config::Settings;
-use crate::hub::Hub;
+use crate::hub::{Connection, Hub};
 use crate::limits::peer::PeerLimits;
 use crate::limits::ConnectionSlots;
 use crate::protocol::codes::CloseCode;
 
 /// How long shutdown waits for connections to take their close frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// The finest step of a drain: connections due within one step are closed together.
+const DRAIN_STEP: Duration = Duration::from_millis(10);
+/// The longest drain window honoured (a longer one is a configuration mistake, and would
+/// overflow the clock arithmetic of the schedule).
+const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
+/// The reason in the `disconnect` notice and close frame of a drain.
+const DRAIN_REASON: &str = "server shutting down: reconnect";
 
 /// State shared by every connection and request of one node.
 pub struct NodeContext {
@@ -120,6 +134,8 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         ctx.settings.ws.ack_retries,
         stop_rx.clone(),
     ));
+    // The `$sys.metrics` / `$sys.health` snapshots, every `sys.interval` (none when zero).
+    tokio::spawn(crate::sys::publish_loop(Arc::clone(&ctx), stop_rx.clone()));
     let accept_loop = tokio::spawn(accept_loop(Arc::clone(&ctx), listener, stop_rx));
     tracing::info!(
         node = %ctx.settings.node_id,
@@ -174,15 +190,94 @@ impl RunningNode {
             .hub
             .disconnect_all(CloseCode::GoingAway, "server shutting down");
         tracing::info!(connections = n, "shutting down: closing connections");
-        let deadline = Instant::now() + CLOSE_GRACE;
-        while self.ctx.hub.connection_count() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        wait_closed(&self.ctx).await;
+        self.ctx.broker.shutdown().await;
+    }
+
+    /// A graceful drain over `Settings.drain` (0: every connection at once), then the same end
+    /// as [`RunningNode::shutdown`].
+    ///
+    /// At once: not ready (`/readyz` 503) and new WebSocket upgrades refused with 503; `/healthz`,
+    /// `/metrics` and the HTTP API keep answering. The connections open at that moment are
+    /// closed in even batches over the window (close 1001 with a `disconnect` notice
+    /// `reconnect: true`, after what was queued for them); until its turn a connection is served
+    /// as usual and keeps receiving publications. Then the listener closes, anything left is
+    /// closed, and the node waits up to a few seconds for the close frames to go out.
+    pub async fn drain(self) {
+        self.drain_until(std::future::pending()).await;
+    }
+
+    /// [`RunningNode::drain`] that is cut short when `hurry` completes (the binary: a second
+    /// SIGTERM or SIGINT): every connection still open is closed at once.
+    pub async fn drain_until(self, hurry: impl Future<Output = ()>) {
+        self.ctx.shutting_down.store(true, Ordering::Release);
+        let window = self.ctx.settings.drain.min(MAX_DRAIN);
+        let conns = self.ctx.hub.connections_snapshot();
+        tracing::info!(
+            connections = conns.len(),
+            window_seconds = window.as_secs_f64(),
+            "draining: not ready, refusing new connections, closing the open ones over the window"
+        );
+        let started = Instant::now();
+        tokio::select! {
+            () = close_spread(&conns, window) => {}
+            () = hurry => tracing::warn!("drain cut short: closing every remaining connection now"),
         }
+        drop(conns);
+        let _ = self.stop.send(true);
+        let _ = self.accept_loop.await;
+        // Connections whose upgrade was under way when the drain began, and those the drain
+        // did not reach before it was cut short.
+        let rest = self
+            .ctx
+            .hub
+            .disconnect_all(CloseCode::GoingAway, DRAIN_REASON);
+        wait_closed(&self.ctx).await;
+        tracing::info!(
+            elapsed_seconds = started.elapsed().as_secs_f64(),
+            closed_at_the_end = rest,
+            "drain finished"
+        );
         self.ctx.broker.shutdown().await;
     }
 }
 
-/// Runs a node until SIGTERM or SIGINT, then shuts it down.
+/// Closes `conns` in even batches over `window`: batch `k` of `steps` at `k / steps` of it (the
+/// first at once), each batch `1 / steps` of the connections, one batch per [`DRAIN_STEP`] at
+/// most. A connection that is already gone is skipped (closing it again does nothing).
+async fn close_spread(conns: &[Arc<Connection>], window: Duration) {
+    let n = conns.len();
+    if n == 0 {
+        return;
+    }
+    let fine_steps = window.as_nanos() / DRAIN_STEP.as_nanos();
+    let steps = fine_steps.clamp(1, n as u128) as usize;
+    let start = tokio::time::Instant::now();
+    for k in 0..steps {
+        tokio::time::sleep_until(start + window.mul_f64(k as f64 / steps as f64)).await;
+        for c in &conns[k * n / steps..(k + 1) * n / steps] {
+            c.outbound.close(CloseCode::GoingAway, DRAIN_REASON);
+        }
+    }
+}
+
+/// Waits until every connection has gone, at most [`CLOSE_GRACE`]; closes again now and then
+/// what registered meanwhile (an upgrade that was already past its checks).
+async fn wait_closed(ctx: &NodeContext) {
+    let deadline = Instant::now() + CLOSE_GRACE;
+    let mut sweep = Instant::now() + Duration::from_millis(500);
+    while ctx.hub.connection_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if Instant::now() >= sweep {
+            ctx.hub
+                .disconnect_all(CloseCode::GoingAway, "server shutting down");
+            sweep += Duration::from_millis(500);
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT, then drains it over `Settings.drain`; a second SIGTERM or
+/// SIGINT during the drain closes what is left at once.
 pub async fn run_until_signal(settings: Settings) -> Result<(), NodeError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(NodeError::Signals)?;
@@ -192,6 +287,12 @@ pub async fn run_until_signal(settings: Settings) -> Result<(), NodeError> {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
-    node.shutdown().await;
+    node.drain_until(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("second SIGTERM received"),
+            _ = int.recv() => tracing::info!("second SIGINT received"),
+        }
+    })
+    .await;
     Ok(())
 }

@@ -163,3 +163,84 @@ fn a_port_in_use_is_reported_and_exits_nonzero() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&addr.to_string()), "{stderr}");
 }
+
+#[test]
+fn json_logs_come_one_object_per_line_with_secrets_kept_out() {
+    let port = free_port();
+    let mut gw = Gateway(
+        Command::new(BIN)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--node-id", "json-node"])
+            // Nothing listens on port 1: the node starts anyway and logs that Redis is away.
+            .args(["--redis-url", "redis://:hunter2-pass@127.0.0.1:1"])
+            .env("WSGATE_LOG_FORMAT", "json")
+            .env("WSGATE_API_KEYS", "api-key-sekrit")
+            .env("WSGATE_JWT_SECRET", "jwt-sekrit-value")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    assert!(wait_until_listening(SocketAddr::from((
+        [127, 0, 0, 1],
+        port
+    ))));
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = gw.0.kill();
+    let _ = gw.0.wait();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    use std::io::Read;
+    gw.0.stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)
+        .expect("stdout");
+    gw.0.stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "stdout: {stdout}\nstderr: {stderr}");
+    let mut listening = None;
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\nstdout: {stdout}"));
+        for key in ["timestamp", "level", "message", "target"] {
+            assert!(v.get(key).is_some(), "no {key:?} in {line}");
+        }
+        if v["message"] == "wsgate listening" {
+            listening = Some(v);
+        }
+    }
+    let listening = listening.unwrap_or_else(|| panic!("no `wsgate listening` line: {stdout}"));
+    assert_eq!(listening["level"], "INFO");
+    assert_eq!(
+        listening["node"], "json-node",
+        "fields are top-level: {listening}"
+    );
+    assert_eq!(listening["broker"], "redis");
+    assert!(
+        stdout.contains("redis unreachable"),
+        "the Redis warning is logged: {stdout}"
+    );
+    for secret in ["hunter2-pass", "api-key-sekrit", "jwt-sekrit-value"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} was logged:\n{stdout}\n{stderr}"
+        );
+    }
+
+    // `--log-format` and its variable are in --help; an unknown format is refused.
+    let help = Command::new(BIN).arg("--help").output().expect("--help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--log-format") && help.contains("WSGATE_LOG_FORMAT"),
+        "{help}"
+    );
+    let bad = Command::new(BIN)
+        .args(["--log-format", "xml"])
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(2), "clap usage error");
+}

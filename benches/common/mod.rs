@@ -1,4 +1,12 @@
-//! Helpers shared by the benches.
+//! Helpers shared by the benches (each bench uses some of them).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::value::RawValue;
+use wsgate::hub::{Connection, DeflateParams, Hub};
+use wsgate::ws::writer::Outbound;
 
 /// Whether this is a `--bench` run (not `cargo test`'s quick check of bench targets) whose name
 /// filter, if any, can select the benchmark `id`: such runs also print a plain-loop summary.
@@ -31,3 +39,24 @@ pub const ROUTE_UPDATE_1001B: &str = concat!(
     r#","metrics":{"distanceKm":38.7,"durationMin":95,"onTimeRate":0.97"#,
     r#","delays":[{"stop":"st-002","minutes":4,"reason":"traffic"}]}}"#,
 );
+
+/// A 101-byte publication `data` (`status` is what filters look at).
+pub const DATA_101B: &str = r#"{"status":"ACTIVE","routeId":"rt-5f2c9a0e","driver":"drv-1093","eta":"2026-11-23T11:10:00Z","stop":3}"#;
+
+/// `json` as the raw JSON value a publication carries.
+pub fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned()).expect("valid JSON")
+}
+
+/// Connection number `i` of a bench hub (not registered yet): user `user-i`, a send queue that
+/// never overflows (nothing drains it in most benches), and `deflate` as negotiated.
+pub fn connection(hub: &Hub, i: usize, deflate: Option<DeflateParams>) -> Arc<Connection> {
+    Arc::new(Connection {
+        id: hub.next_conn_id(),
+        client_id: Arc::from(format!("client-{i}")),
+        user_id: Some(Arc::from(format!("user-{i}"))),
+        outbound: Outbound::new(1 << 40),
+        connected_at: SystemTime::now(),
+        deflate,
+    })
+}

@@ -177,6 +177,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Who is online across the cluster.
     async fn cluster_status(&self) -> Result<ClusterStatus, BrokerError>;
 
+    /// The live nodes and their connections: [`Broker::cluster_status`] without the user list
+    /// (cheap enough for the periodic `$sys.health` snapshots).
+    async fn cluster_nodes(&self) -> Result<Vec<NodeStatus>, BrokerError> {
+        self.cluster_status().await.map(|status| status.nodes)
+    }
+
     /// Who is subscribed to `topic` across the cluster.
     async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError>;
 

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::file::{parse_listen, split_list, ConfigError, FileConfig};
 use super::{Secret, Settings};
@@ -132,6 +132,27 @@ pub struct RunArgs {
     /// `info,wsgate=debug`.
     #[arg(long, env = "WSGATE_LOG", value_name = "LEVEL", default_value = "info")]
     pub log: String,
+
+    /// Log line format: `text` (human-readable) or `json` (one JSON object per line, for log
+    /// collectors).
+    #[arg(
+        long,
+        env = "WSGATE_LOG_FORMAT",
+        value_name = "FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `2026-11-23T14:23:22.540Z  INFO wsgate::node: wsgate listening node=edge-1 ...`
+    #[default]
+    Text,
+    /// `{"timestamp":"...","level":"INFO","message":"wsgate listening","node":"edge-1",...}`
+    Json,
 }
 
 impl RunArgs {

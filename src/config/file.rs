@@ -32,6 +32,8 @@
 //!   algorithms: [HS256, RS256]  # empty: every algorithm of the configured key types
 //!   leeway: 30s
 //!   topics_claim: topics
+//! sys:
+//!   interval: 2s                # $sys.metrics / $sys.health snapshots; 0s: off
 //! redis:
 //!   url: redis://127.0.0.1:6379 # or a list of URLs (sharding)
 //!   cluster: false              # true: the URLs are Redis Cluster seed nodes
@@ -153,6 +155,7 @@ pub struct FileConfig {
     pub api: Option<ApiFile>,
     pub compression: Option<CompressionFile>,
     pub shutdown: Option<ShutdownFile>,
+    pub sys: Option<SysFile>,
 }
 
 /// `websocket:` — the framework guide's block, extended with limits and timers.
@@ -298,6 +301,15 @@ pub struct CompressionFile {
     pub threshold: Option<usize>,
 }
 
+/// `sys:` — the gateway's own `$sys.metrics` / `$sys.health` topics.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SysFile {
+    /// How often each node publishes its snapshots; `0s`: never.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub interval: Option<Duration>,
+}
+
 /// `shutdown:`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -391,6 +403,9 @@ impl FileConfig {
         }
         if let Some(secs) = self.shutdown.and_then(|s| s.drain_seconds) {
             settings.drain = Duration::from_secs(secs);
+        }
+        if let Some(interval) = self.sys.and_then(|s| s.interval) {
+            settings.sys.interval = interval;
         }
         Ok(())
     }

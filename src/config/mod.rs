@@ -39,6 +39,23 @@ pub struct Settings {
     pub compression: CompressionSettings,
     /// How long a SIGTERM drain spreads its disconnects.
     pub drain: Duration,
+    /// The `$sys.metrics` / `$sys.health` snapshots.
+    pub sys: SysSettings,
+}
+
+/// The gateway's own topics (`crate::sys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysSettings {
+    /// How often each node publishes its `$sys.metrics` and `$sys.health` snapshots; zero: never.
+    pub interval: Duration,
+}
+
+impl Default for SysSettings {
+    fn default() -> Self {
+        SysSettings {
+            interval: Duration::from_secs(2),
+        }
+    }
 }
 
 /// WebSocket endpoint, per-connection limits and timers.
@@ -326,6 +343,7 @@ impl Default for Settings {
             api_keys: Vec::new(),
             compression: CompressionSettings::default(),
             drain: Duration::from_secs(30),
+            sys: SysSettings::default(),
         }
     }
 }
@@ -423,6 +441,9 @@ impl Settings {
         }
         if self.ws.rate_burst == 0 {
             bad("websocket.rate_limit.burst", "must be at least 1".into());
+        }
+        if !self.sys.interval.is_zero() && self.sys.interval < Duration::from_millis(100) {
+            bad("sys.interval", "must be 0s (off) or at least 100ms".into());
         }
         if self.ws.ack_timeout.is_zero() {
             bad("websocket.ack_timeout", "must be positive".into());

@@ -177,6 +177,12 @@ async fn publish(ctx: &NodeContext, req: Request<Incoming>) -> ApiResult {
         .ok_or_else(|| refuse(ErrorCode::InvalidMessageFormat, "the body needs a `topic`"))?;
     topic::validate(&topic, ctx.settings.ws.max_topic_length)
         .map_err(|e| refuse(ErrorCode::InvalidTopic, e.to_string()))?;
+    if topic::is_system(&topic) {
+        return Err(refuse(
+            ErrorCode::PermissionDenied,
+            format!("{topic} is a system topic: only the gateway publishes there"),
+        ));
+    }
     let kind = require_type(body.kind)?;
     let (data, _) = payload(body.data, None)?;
     let receipt = ctx

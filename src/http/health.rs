@@ -1,7 +1,9 @@
 //! Liveness and readiness for load balancers and orchestrators.
 //!
-//! `/healthz` answers 200 while the process serves HTTP at all; `/readyz` answers 200 only while
-//! the node takes new connections (not shutting down, broker able to carry messages);
+//! `/healthz` answers 200 while the process serves HTTP at all, through a drain until the exit
+//! (liveness: a draining node is not dead); `/readyz` answers 200 only while the node takes new
+//! connections: 503 from the first moment of a drain or shutdown, and while the broker cannot
+//! carry messages (readiness: load balancers and Kubernetes stop sending it clients);
 //! `/metrics` is the Prometheus exposition.
 
 use hyper::{Response, StatusCode};

@@ -1,8 +1,9 @@
 //! The HTTP side of a node: one hyper 1 HTTP/1.1 connection per TCP connection, routed to the
-//! WebSocket upgrade, the health endpoints, or the HTTP API.
+//! WebSocket upgrade, the health endpoints, the status page, or the HTTP API.
 
 pub mod api;
 pub mod health;
+pub mod status;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -54,6 +55,7 @@ async fn route(ctx: Arc<NodeContext>, req: Request<Incoming>, peer: SocketAddr) 
         "/healthz" => health::healthz(),
         "/readyz" => health::readyz(&ctx),
         "/metrics" => health::metrics(&ctx),
+        "/status" => status::page(&ctx),
         p if p.starts_with("/api/") => api::handle(ctx, req, peer).await,
         _ => json_error(ErrorCode::NotFound, format!("no route for {path}")),
     }

@@ -10,12 +10,14 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use crate::metrics::{Sent, TRAFFIC};
 use crate::ws::writer::Outbound;
 
 #[derive(Default)]
 struct State {
     last_sent: Option<Instant>,
-    pending: Option<Bytes>,
+    /// The held frame and its payload size before compression (counted when it goes out).
+    pending: Option<(Bytes, usize)>,
     timer_armed: bool,
     cancelled: bool,
 }
@@ -33,8 +35,9 @@ impl Conflator {
         })
     }
 
-    /// Offers a frame; it is queued now, held as the latest, or replaces the held one.
-    pub fn offer(self: &Arc<Self>, frame: Bytes, outbound: &Arc<Outbound>) {
+    /// Offers a frame whose payload is `payload_len` bytes before compression; it is queued now,
+    /// held as the latest, or replaces the held one. Only what is queued counts as sent.
+    pub fn offer(self: &Arc<Self>, frame: Bytes, payload_len: usize, outbound: &Arc<Outbound>) {
         let now = Instant::now();
         let mut st = self.state.lock();
         if st.cancelled {
@@ -44,10 +47,10 @@ impl Conflator {
         if due && !st.timer_armed {
             st.last_sent = Some(now);
             drop(st);
-            let _ = outbound.push(frame);
+            push_counted(outbound, frame, payload_len);
             return;
         }
-        st.pending = Some(frame);
+        st.pending = Some((frame, payload_len));
         if st.timer_armed {
             return;
         }
@@ -55,8 +58,8 @@ impl Conflator {
             // Outside a runtime (benchmarks) there is no timer: deliver instead of holding.
             let frame = st.pending.take();
             drop(st);
-            if let Some(frame) = frame {
-                let _ = outbound.push(frame);
+            if let Some((frame, payload_len)) = frame {
+                push_counted(outbound, frame, payload_len);
             }
             return;
         };
@@ -76,8 +79,8 @@ impl Conflator {
                 st.last_sent = Some(Instant::now());
                 st.pending.take()
             };
-            if let Some(frame) = frame {
-                let _ = outbound.push(frame);
+            if let Some((frame, payload_len)) = frame {
+                push_counted(&outbound, frame, payload_len);
             }
         });
     }
@@ -87,5 +90,12 @@ impl Conflator {
         let mut st = self.state.lock();
         st.cancelled = true;
         st.pending = None;
+    }
+}
+
+/// Queues a conflated publication frame and counts it as sent.
+fn push_counted(outbound: &Outbound, frame: Bytes, payload_len: usize) {
+    if outbound.push(frame).is_ok() {
+        TRAFFIC.sent(Sent::Publication, 1, payload_len as u64);
     }
 }

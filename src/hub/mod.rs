@@ -19,12 +19,16 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
+use crate::metrics::{Sent, TRAFFIC};
 use crate::protocol::codes::CloseCode;
 use crate::protocol::filter::{Filter, SubscriptionOptions};
 use crate::ws::writer::Outbound;
 use acks::Acks;
 use conflate::Conflator;
 pub use publication::{DeflateParams, DirectMessage, Publication, PublicationMeta, SharedFrame};
+
+/// Live publications one recovering subscription may hold before it counts as a slow consumer.
+const MAX_HELD_DURING_RECOVERY: usize = 10_000;
 
 /// A connection's id, unique within this node's run.
 pub type ConnId = u64;
@@ -194,7 +198,8 @@ impl Hub {
             _ => true,
         });
         let mut queued = 0;
-        for publication in replay.into_iter().chain(live) {
+        let replayed = replay.len();
+        for (i, publication) in replay.into_iter().chain(live).enumerate() {
             if let Some(filter) = &sub.filter {
                 let mut scratch = publication.data.to_vec();
                 let passes = simd_json::to_borrowed_value(&mut scratch)
@@ -207,6 +212,13 @@ impl Hub {
             let frame = publication.frame.for_recipient(sub.conn.deflate);
             if self.queue_publication(&sub.conn, &publication, frame) {
                 queued += 1;
+                let kind = if i < replayed {
+                    Sent::Replay
+                } else {
+                    Sent::Publication
+                };
+                let payload = crate::metrics::frame_payload_len(publication.frame.plain());
+                TRAFFIC.sent(kind, 1, payload as u64);
             }
         }
         queued
@@ -244,6 +256,10 @@ impl Hub {
         } else {
             None
         };
+        // Metrics are added up here and recorded once after the loop (see `crate::metrics`).
+        let payload_len = crate::metrics::frame_payload_len(publication.frame.plain());
+        let mut queued = 0u64;
+        let mut last_queued: Option<&Connection> = None;
         for sub in subs.values() {
             if let (Some((epoch, floor)), Some(seq), Some(e)) =
                 (&sub.floor, publication.seq, &publication.epoch)
@@ -255,8 +271,19 @@ impl Hub {
             }
             if let Some(held) = &sub.held {
                 // Filtered when the recovery finishes, with the replayed publications.
-                held.lock().push(publication.clone());
-                delivery.delivered += 1;
+                let mut held = held.lock();
+                if held.len() >= MAX_HELD_DURING_RECOVERY {
+                    // A recovery this far behind a busy topic is a slow consumer: it reconnects
+                    // and recovers again rather than buffering without end.
+                    sub.conn.outbound.close(
+                        CloseCode::SlowConsumer,
+                        "too many live messages while recovering",
+                    );
+                    delivery.dropped += 1;
+                } else {
+                    held.push(publication.clone());
+                    delivery.delivered += 1;
+                }
                 continue;
             }
             if let Some(filter) = &sub.filter {
@@ -270,17 +297,23 @@ impl Hub {
                 // Not tracked for `requireAck`: the client asked for the latest value only, and
                 // re-sending a superseded one would undo that (see `acks`).
                 Some(c) => {
-                    c.offer(frame, &sub.conn.outbound);
+                    c.offer(frame, payload_len, &sub.conn.outbound);
                     delivery.delivered += 1;
                 }
                 None if self.queue_publication(&sub.conn, publication, frame) => {
                     delivery.delivered += 1;
+                    queued += 1;
+                    last_queued = Some(&sub.conn);
                 }
                 None => delivery.dropped += 1,
             }
         }
-        metrics::counter!(crate::metrics::PUBLICATIONS).increment(1);
-        metrics::counter!(crate::metrics::DELIVERIES).increment(delivery.delivered as u64);
+        if let Some(conn) = last_queued {
+            conn.outbound.probe(publication.received_at);
+        }
+        TRAFFIC.publications.add(1);
+        TRAFFIC.deliveries.add(delivery.delivered as u64);
+        TRAFFIC.sent(Sent::Publication, queued, queued * payload_len as u64);
         delivery
     }
 
@@ -313,24 +346,38 @@ impl Hub {
 
     /// Queues `frame` to every local connection of `user`; returns how many took it.
     pub fn deliver_to_user(&self, user: &str, frame: &SharedFrame) -> usize {
-        self.users.get(user).map_or(0, |conns| {
+        let n = self.users.get(user).map_or(0, |conns| {
             conns.iter().filter(|c| push_shared(c, frame)).count()
-        })
+        });
+        count_direct(frame, n)
     }
 
     /// Queues `frame` to one connection; returns whether it took it.
     pub fn deliver_to_connection(&self, id: ConnId, frame: &SharedFrame) -> bool {
-        self.connections
+        let took = self
+            .connections
             .get(&id)
-            .is_some_and(|c| push_shared(&c, frame))
+            .is_some_and(|c| push_shared(&c, frame));
+        count_direct(frame, usize::from(took)) == 1
     }
 
     /// Queues `frame` to every local connection; returns how many took it.
     pub fn deliver_to_all(&self, frame: &SharedFrame) -> usize {
-        self.connections
+        let n = self
+            .connections
             .iter()
             .filter(|c| push_shared(c, frame))
-            .count()
+            .count();
+        count_direct(frame, n)
+    }
+
+    /// Bytes queued or in flight to every local connection together, and the most one
+    /// connection has (for `/metrics` and the `$sys` snapshots; one lock per connection).
+    pub fn send_queue_bytes(&self) -> (usize, usize) {
+        self.connections
+            .iter()
+            .map(|c| c.outbound.queued_bytes())
+            .fold((0, 0), |(sum, max), q| (sum + q, max.max(q)))
     }
 
     /// Closes every local connection of `user` with a `disconnect` notice; returns how many.
@@ -367,6 +414,11 @@ impl Hub {
 
     pub fn connection_count(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Every local connection right now (a snapshot: a graceful drain closes them in batches).
+    pub fn connections_snapshot(&self) -> Vec<Arc<Connection>> {
+        self.connections.iter().map(|c| Arc::clone(&c)).collect()
     }
 
     /// Whether connection `id` is on this node.
@@ -409,6 +461,13 @@ impl Hub {
                 .collect()
         })
     }
+}
+
+/// Counts `n` recipients of a direct message (once per message, not per recipient); returns `n`.
+fn count_direct(frame: &SharedFrame, n: usize) -> usize {
+    let payload = crate::metrics::frame_payload_len(frame.plain()) as u64;
+    TRAFFIC.sent(Sent::Direct, n as u64, n as u64 * payload);
+    n
 }
 
 /// Queues the right variant of a shared frame (plain or compressed) to one connection.

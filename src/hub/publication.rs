@@ -116,6 +116,8 @@ pub struct Publication {
     pub data: Bytes,
     /// The complete text frame every subscriber receives (plain and compressed).
     pub frame: SharedFrame,
+    /// When this node got it (encoded it): the start of its fan-out latency sample.
+    pub received_at: std::time::Instant,
 }
 
 #[derive(Serialize)]
@@ -190,6 +192,7 @@ impl Publication {
             epoch: sequence.map(|(_, epoch)| Arc::from(epoch)),
             data: Bytes::copy_from_slice(data.get().as_bytes()),
             frame: SharedFrame::new(frame),
+            received_at: std::time::Instant::now(),
         }
     }
 }

@@ -1,5 +1,24 @@
 //! Topic naming rules, shared by client subscribe/publish, connect-time subscriptions and the
 //! HTTP API.
+//!
+//! One prefix is reserved: `$sys.`, the gateway's own topics ([`SYSTEM_TOPICS`]: every node
+//! publishes its snapshots there, see `crate::sys`). `$` is allowed in no other place, so no
+//! ordinary topic can look like one; the names under the prefix are exactly the system topics
+//! (a typo is refused rather than subscribed to silence); only the gateway publishes to them.
+
+/// The reserved prefix of the gateway's own topics.
+pub const SYSTEM_PREFIX: &str = "$sys.";
+/// Every node's `metrics` snapshot, every `sys.interval`.
+pub const SYS_METRICS: &str = "$sys.metrics";
+/// Every node's `health_update` snapshot, every `sys.interval`.
+pub const SYS_HEALTH: &str = "$sys.health";
+/// The system topics there are.
+pub const SYSTEM_TOPICS: [&str; 2] = [SYS_METRICS, SYS_HEALTH];
+
+/// Whether `name` is in the reserved `$sys.` space (clients may subscribe, never publish).
+pub fn is_system(name: &str) -> bool {
+    name.starts_with(SYSTEM_PREFIX)
+}
 
 /// Why a topic name is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -14,15 +33,28 @@ pub enum TopicError {
     },
     #[error("topic name {name:?} contains {ch:?}; allowed are letters, digits and _ - . : / @")]
     BadChar { name: String, ch: char },
+    #[error("{name:?} is not a system topic; the `$sys.` topics are $sys.metrics and $sys.health")]
+    UnknownSystemTopic { name: String },
 }
 
-/// Checks a topic name: 1..=`max_len` bytes of ASCII letters, digits and `_ - . : / @`.
+/// Checks a topic name: 1..=`max_len` bytes of ASCII letters, digits and `_ - . : / @`, or
+/// one of the [`SYSTEM_TOPICS`].
 ///
 /// The alphabet is deliberately narrow: names end up in Redis channel names and keys, in logs
-/// and in URLs, and none of these characters needs escaping anywhere.
+/// and in URLs, and none of these characters needs escaping anywhere (`$`, in the system
+/// topics only, needs none in Redis or a URL path either).
 pub fn validate(name: &str, max_len: usize) -> Result<(), TopicError> {
     if name.is_empty() {
         return Err(TopicError::Empty);
+    }
+    if is_system(name) {
+        return if SYSTEM_TOPICS.contains(&name) {
+            Ok(())
+        } else {
+            Err(TopicError::UnknownSystemTopic {
+                name: name.chars().take(64).collect(),
+            })
+        };
     }
     if name.len() > max_len {
         return Err(TopicError::TooLong {
@@ -69,5 +101,22 @@ mod tests {
             validate("a*", 64),
             Err(TopicError::BadChar { ch: '*', .. })
         ));
+    }
+
+    #[test]
+    fn system_topics_only_under_the_reserved_prefix() {
+        assert!(validate("$sys.metrics", 8).is_ok(), "not bound by max_len");
+        assert!(validate("$sys.health", 64).is_ok());
+        assert!(matches!(
+            validate("$sys.metric", 64),
+            Err(TopicError::UnknownSystemTopic { .. })
+        ));
+        for name in ["$metrics", "a$sys.metrics", "$SYS.metrics", "sys$"] {
+            assert!(
+                matches!(validate(name, 64), Err(TopicError::BadChar { ch: '$', .. })),
+                "{name}"
+            );
+        }
+        assert!(is_system("$sys.health") && !is_system("sys.health"));
     }
 }

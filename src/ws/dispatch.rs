@@ -23,6 +23,7 @@ use crate::auth::{self, Action};
 use crate::broker::{Direct, Recipient, TopicMessage, UpstreamMessage};
 use crate::history::StreamPosition;
 use crate::hub::ConnId;
+use crate::metrics::{Received, Sent, TRAFFIC};
 use crate::protocol::codes::ErrorCode;
 use crate::protocol::envelope::{now_millis, request_id_of, server_message, ErrorBody, Inbound};
 use crate::protocol::{filter, topic};
@@ -52,8 +53,8 @@ impl Refusal {
 impl Session {
     /// Handles one complete client text message.
     pub(super) async fn handle_text(&mut self, text: &str) {
-        metrics::counter!(crate::metrics::MESSAGES_RECEIVED).increment(1);
         if let Err(wait) = self.bucket.try_take(std::time::Instant::now()) {
+            TRAFFIC.received(Received::RateLimited, text.len());
             let retry_ms = wait.as_millis().max(1) as u64;
             let body = ErrorBody::new(
                 ErrorCode::RateLimitExceeded,
@@ -61,17 +62,19 @@ impl Session {
             )
             .retry_after_ms(retry_ms)
             .request_id(request_id_of(text));
-            let _ = self.conn.outbound.push(body.to_frame());
+            let _ = self.conn.outbound.send(Sent::Error, body.to_frame());
             return;
         }
         let msg = match Inbound::parse(text) {
             Ok(msg) => msg,
             Err(e) => {
+                TRAFFIC.received(Received::Invalid, text.len());
                 let refusal = Refusal::new(ErrorCode::InvalidMessageFormat, e.to_string());
                 self.refuse(refusal, request_id_of(text));
                 return;
             }
         };
+        TRAFFIC.received(received_kind(&msg), text.len());
         let request_id = msg.request_id();
         let result = match msg.kind() {
             "ping" => Ok(Some(self.reply(
@@ -385,6 +388,12 @@ impl Session {
         })?;
         topic::validate(&topic, self.ctx.settings.ws.max_topic_length)
             .map_err(|e| Refusal::new(ErrorCode::InvalidTopic, e.to_string()))?;
+        if topic::is_system(&topic) {
+            return Err(Refusal::new(
+                ErrorCode::PermissionDenied,
+                format!("{topic} is a system topic: only the gateway publishes there"),
+            ));
+        }
         self.permitted(Action::Publish, &topic)?;
         let data = req.data.unwrap_or_else(null_raw);
         let receipt = self
@@ -473,18 +482,21 @@ impl Session {
     pub(super) fn connection_message(&self) -> Bytes {
         let mut topics: Vec<&str> = self.subscriptions.iter().map(|t| &**t).collect();
         topics.sort_unstable();
-        server_message(
-            "connection",
-            ConnectionData {
-                status: "connected",
-                connection_id: self.conn.id,
-                client_id: &self.conn.client_id,
-                user_id: self.conn.user_id.as_deref(),
-                node: &self.ctx.settings.node_id,
-                server_time: now_millis(),
-                heartbeat_interval: self.ctx.settings.ws.heartbeat_interval.as_millis() as u64,
-                subscriptions: topics,
-            },
+        counted(
+            Sent::Connection,
+            server_message(
+                "connection",
+                ConnectionData {
+                    status: "connected",
+                    connection_id: self.conn.id,
+                    client_id: &self.conn.client_id,
+                    user_id: self.conn.user_id.as_deref(),
+                    node: &self.ctx.settings.node_id,
+                    server_time: now_millis(),
+                    heartbeat_interval: self.ctx.settings.ws.heartbeat_interval.as_millis() as u64,
+                    subscriptions: topics,
+                },
+            ),
         )
     }
 
@@ -494,7 +506,7 @@ impl Session {
             let id = serde_json::from_str(id.get()).unwrap_or(Value::Null);
             map.insert("requestId".into(), id);
         }
-        server_message(kind, data)
+        counted(Sent::of_reply(kind), server_message(kind, data))
     }
 
     pub(super) fn error_frame(&self, refusal: Refusal, request_id: Option<&RawValue>) -> Bytes {
@@ -502,7 +514,7 @@ impl Session {
         if let Some(details) = refusal.details {
             body = body.details(details);
         }
-        body.to_frame()
+        counted(Sent::Error, body.to_frame())
     }
 
     pub(super) fn refuse(&self, refusal: Refusal, request_id: Option<&RawValue>) {
@@ -510,6 +522,29 @@ impl Session {
             .conn
             .outbound
             .push(self.error_frame(refusal, request_id));
+    }
+}
+
+/// Counts a server message that is about to be queued (replies are built right before they are
+/// pushed) and hands it back.
+fn counted(kind: Sent, frame: Bytes) -> Bytes {
+    TRAFFIC.sent(kind, 1, crate::metrics::frame_payload_len(&frame) as u64);
+    frame
+}
+
+/// The counted type of a parsed client message (the dispatch below, in the same order).
+fn received_kind(msg: &Inbound<'_>) -> Received {
+    match msg.kind() {
+        "ping" => Received::Ping,
+        "heartbeat" => Received::Heartbeat,
+        "pong" => Received::Pong,
+        "ack" => Received::Ack,
+        "refresh" => Received::Refresh,
+        "subscribe" => Received::Subscribe,
+        "unsubscribe" => Received::Unsubscribe,
+        "publish" => Received::Publish,
+        _ if msg.to.is_some() => Received::Direct,
+        _ => Received::Upstream,
     }
 }
 

@@ -26,6 +26,7 @@ use crate::auth::{Credentials, TopicGrants};
 use crate::hub::{Connection, DeflateParams, SharedFrame};
 use crate::limits::peer::PeerPermits;
 use crate::limits::{Slot, TokenBucket};
+use crate::metrics::{CountingReader, Received, Sent, TRAFFIC};
 use crate::node::NodeContext;
 use crate::protocol::codes::{CloseCode, ErrorCode};
 use crate::protocol::envelope::ErrorBody;
@@ -135,7 +136,7 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
             CloseCode::UserConnectionLimit => "per_user",
             _ => "full",
         };
-        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+        crate::metrics::connection_refused(reason);
         // The message says what was wrong with a token, never the token itself.
         tracing::debug!(
             client_id = %start.identity.client_id,
@@ -152,8 +153,10 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
             return;
         }
         Err(refused) => {
-            let _ =
-                outbound.push(ErrorBody::new(refused.error, refused.message.as_str()).to_frame());
+            let _ = outbound.send(
+                Sent::Error,
+                ErrorBody::new(refused.error, refused.message.as_str()).to_frame(),
+            );
             outbound.close(refused.close, &refused.message);
             let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
             return;
@@ -195,11 +198,11 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     }
 
     let reader = FrameGuard::new(
-        Cursor::new(start.read_ahead).chain(read_half),
+        CountingReader::new(Cursor::new(start.read_ahead).chain(read_half)),
         settings.max_message_size,
         start.deflate.is_some(),
     );
-    metrics::counter!(crate::metrics::CONNECTIONS_OPENED).increment(1);
+    TRAFFIC.connections_opened.add(1);
     tracing::debug!(
         conn = conn.id,
         client_id = %conn.client_id,
@@ -207,17 +210,25 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         "connection opened"
     );
     let exit = session.read_loop(reader, &mut writer).await;
-    if let Exit::Close(code, ..) = &exit {
-        metrics::counter!(crate::metrics::CONNECTIONS_CLOSED, "code" => code.as_u16().to_string())
-            .increment(1);
-    }
+    // A close the server had already asked for (a limit, an operator, a drain) is the one that
+    // counts, even when the client's answering close frame or the writer's end came first.
+    let (reason, code) = match (outbound.close_code(), &exit) {
+        (Some(code), _) => ("server", code),
+        (None, Exit::Close(code, ..)) => ("server", code.as_u16()),
+        (None, Exit::ClientClosed(code)) => ("client", code.unwrap_or(1005)),
+        (None, Exit::Gone) => ("lost", 1006),
+    };
+    crate::metrics::connection_closed(reason, code);
     tracing::debug!(conn = conn.id, how = exit.describe(), "connection closed");
 
     match exit {
         Exit::Close(code, reason, _) if echo => outbound.close_bare(code, &reason),
         Exit::Close(code, reason, error) => {
             if let Some(error) = error {
-                let _ = outbound.push(ErrorBody::new(error, reason.as_str()).to_frame());
+                let _ = outbound.send(
+                    Sent::Error,
+                    ErrorBody::new(error, reason.as_str()).to_frame(),
+                );
             }
             outbound.close(code, &reason);
         }
@@ -331,6 +342,7 @@ impl Session {
                 }
             };
             if self.kind == SessionKind::Echo {
+                TRAFFIC.received(Received::Echo, payload.len());
                 if opcode == OpCode::Text && std::str::from_utf8(&payload).is_err() {
                     return invalid_utf8();
                 }
@@ -338,6 +350,7 @@ impl Session {
                 continue;
             }
             if opcode == OpCode::Binary {
+                TRAFFIC.received(Received::Binary, payload.len());
                 self.refuse(
                     Refusal::new(
                         ErrorCode::InvalidMessageFormat,
@@ -370,7 +383,9 @@ impl Session {
             Some(params) if payload.len() >= params.threshold => frame.deflated(params),
             _ => frame.plain().clone(),
         };
-        let _ = self.conn.outbound.push(bytes);
+        if self.conn.outbound.push(bytes).is_ok() {
+            TRAFFIC.sent(Sent::Echo, 1, payload.len() as u64);
+        }
     }
 
     /// Removes the connection from the hub and tells the broker what interest went with it.

@@ -41,9 +41,11 @@ pub fn handle(
     peer: SocketAddr,
 ) -> Response<Body> {
     if ctx.is_shutting_down() {
+        crate::metrics::connection_refused("shutting_down");
         return json_error(ErrorCode::Unavailable, "the node is shutting down");
     }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        crate::metrics::connection_refused("bad_request");
         return json_error(
             ErrorCode::InvalidOperation,
             "this path takes a WebSocket upgrade (GET with Upgrade: websocket)",
@@ -52,6 +54,7 @@ pub fn handle(
     let origin = req.headers().get(ORIGIN).map(HeaderValue::as_bytes);
     if !auth::origin::allowed(&ctx.settings.ws.allowed_origins, origin) {
         let shown = String::from_utf8_lossy(origin.unwrap_or_default());
+        crate::metrics::connection_refused("origin");
         return json_error(
             ErrorCode::PermissionDenied,
             format!("origin {shown:?} is not allowed"),
@@ -67,6 +70,7 @@ pub fn handle(
         .as_ref()
         .is_some_and(|c| c.len() > MAX_CLIENT_ID_LEN)
     {
+        crate::metrics::connection_refused("bad_request");
         return json_error(
             ErrorCode::InvalidMessageFormat,
             format!("clientId is longer than {MAX_CLIENT_ID_LEN} bytes"),
@@ -84,7 +88,10 @@ pub fn handle(
     let deflate = negotiate_deflate(&ctx, &req);
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
-        Err(e) => return json_error(ErrorCode::InvalidOperation, format!("bad upgrade: {e}")),
+        Err(e) => {
+            crate::metrics::connection_refused("bad_request");
+            return json_error(ErrorCode::InvalidOperation, format!("bad upgrade: {e}"));
+        }
     };
     let deflate = match deflate {
         Some((params, agreement)) => match HeaderValue::from_str(&agreement.response()) {
@@ -189,7 +196,7 @@ fn address_refusal(peer: SocketAddr, refused: &IpRefused) -> Response<Body> {
         IpRefused::ConnectRate { .. } => ("per_ip_rate", ErrorCode::RateLimitExceeded),
         IpRefused::TooManyConnections { .. } => ("per_ip", ErrorCode::TooManyConnections),
     };
-    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+    crate::metrics::connection_refused(reason);
     tracing::debug!(%peer, %refused, "connection refused before the upgrade");
     let mut body = ErrorBody::new(code, refused.to_string());
     if let Some(ms) = refused.retry_after_ms() {

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::frame;
+use crate::metrics::{Sent, TRAFFIC};
 use crate::protocol::codes::CloseCode;
 use crate::protocol::envelope::{server_message, DisconnectNotice};
 
@@ -43,6 +44,10 @@ struct Closing {
     farewell: Vec<Bytes>,
     /// Drop queued frames instead of flushing them (slow consumers, dead peers).
     discard_queue: bool,
+    /// The close code the server sends (`None`: an echo of the client's close, or an abort).
+    code: Option<u16>,
+    /// The first farewell frame is a `disconnect` notice (counted as a message sent).
+    notice: bool,
 }
 
 #[derive(Default)]
@@ -51,8 +56,16 @@ struct QueueState {
     /// Bytes queued plus bytes taken by the writer and not yet written.
     bytes: usize,
     closing: Option<Closing>,
+    /// The code of the close the server decided on, once one was asked for (the first wins).
+    close_code: Option<u16>,
     /// Set once the writer has finished; pushes after that fail.
     finished: bool,
+    /// Bytes ever queued, and ever written: positions in the connection's outbound stream.
+    pushed: u64,
+    written: u64,
+    /// A fan-out latency sample: when its publication arrived, and the stream position its
+    /// frame ends at (see `crate::metrics`).
+    probe: Option<(StdInstant, u64)>,
 }
 
 impl QueueState {
@@ -88,22 +101,58 @@ impl Outbound {
             return Err(PushError::Closed);
         }
         if st.bytes + frame.len() > self.limit {
-            metrics::counter!(crate::metrics::SLOW_CONSUMERS).increment(1);
+            TRAFFIC.slow_consumers.add(1);
             st.discard_queued();
             st.closing = Some(farewell(
                 CloseCode::SlowConsumer,
                 "send queue full: slow consumer",
                 true,
             ));
+            st.close_code = st.close_code.or(Some(CloseCode::SlowConsumer.as_u16()));
             drop(st);
             self.wake.notify_one();
             return Err(PushError::Overflow);
         }
         st.bytes += frame.len();
+        st.pushed += frame.len() as u64;
         st.frames.push_back(frame);
         drop(st);
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Queues one server message (a plain frame the server built: a reply, an error, a notice)
+    /// and counts it in `wsgate_messages_sent_total` as `kind`.
+    pub fn send(&self, kind: Sent, frame: Bytes) -> Result<(), PushError> {
+        let payload = frame::payload_of(&frame).len() as u64;
+        self.push(frame)?;
+        TRAFFIC.sent(kind, 1, payload);
+        Ok(())
+    }
+
+    /// Asks for a fan-out latency sample of the frame pushed last (by the caller): recorded as
+    /// `received.elapsed()` when the writer has written it. Ignored while an earlier sample is
+    /// still waiting (see `crate::metrics`).
+    pub fn probe(&self, received: StdInstant) {
+        let mut st = self.state.lock();
+        if st.written >= st.pushed {
+            // Already written (the writer was quicker than the fan-out loop): it left about now.
+            drop(st);
+            crate::metrics::fanout_latency(received.elapsed());
+        } else if st.probe.is_none() {
+            st.probe = Some((received, st.pushed));
+        }
+    }
+
+    /// Bytes queued or in flight right now.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// The code of the close the server asked for (a limit, a slow consumer, an operator, a
+    /// shutdown), if any; `None` for an echoed client close or an abort.
+    pub fn close_code(&self) -> Option<u16> {
+        self.state.lock().close_code
     }
 
     /// Takes every queued frame (unit tests read a queue without a writer).
@@ -131,6 +180,8 @@ impl Outbound {
         self.close_with(Closing {
             farewell: vec![close],
             discard_queue: false,
+            code: None,
+            notice: false,
         });
     }
 
@@ -140,6 +191,8 @@ impl Outbound {
         self.close_with(Closing {
             farewell: vec![frame::close(code.as_u16(), reason)],
             discard_queue: false,
+            code: Some(code.as_u16()),
+            notice: false,
         });
     }
 
@@ -148,6 +201,8 @@ impl Outbound {
         self.close_with(Closing {
             farewell: Vec::new(),
             discard_queue: true,
+            code: None,
+            notice: false,
         });
     }
 
@@ -157,6 +212,7 @@ impl Outbound {
             if closing.discard_queue {
                 st.discard_queued();
             }
+            st.close_code = st.close_code.or(closing.code);
             st.closing = Some(closing);
         }
         drop(st);
@@ -176,6 +232,8 @@ fn farewell(code: CloseCode, reason: &str, discard_queue: bool) -> Closing {
     Closing {
         farewell: vec![notice, frame::close(code.as_u16(), reason)],
         discard_queue,
+        code: Some(code.as_u16()),
+        notice: true,
     }
 }
 
@@ -241,12 +299,34 @@ async fn drain_loop(
         // Bytes leave the bound as the kernel takes them, not when the whole batch is out, so
         // a client that keeps reading is never cut off because one large batch is in flight.
         write_all(socket, &mut batch, write_timeout, |n| {
-            outbound.state.lock().bytes -= n;
+            TRAFFIC.sent_bytes.add(n as u64);
+            let sample = {
+                let mut st = outbound.state.lock();
+                st.bytes -= n;
+                st.written += n as u64;
+                match st.probe {
+                    Some((received, end)) if st.written >= end => {
+                        st.probe = None;
+                        Some(received)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(received) = sample {
+                crate::metrics::fanout_latency(received.elapsed());
+            }
         })
         .await?;
         if let Some(closing) = closing {
             let mut farewell = closing.farewell;
-            write_all(socket, &mut farewell, write_timeout, |_| {}).await?;
+            if closing.notice {
+                let payload = farewell.first().map_or(0, |f| frame::payload_of(f).len());
+                TRAFFIC.sent(Sent::Disconnect, 1, payload as u64);
+            }
+            write_all(socket, &mut farewell, write_timeout, |n| {
+                TRAFFIC.sent_bytes.add(n as u64);
+            })
+            .await?;
             return Ok(());
         }
     }

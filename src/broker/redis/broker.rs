@@ -529,6 +529,17 @@ impl Broker for RedisBroker {
         })
     }
 
+    async fn cluster_nodes(&self) -> Result<Vec<NodeStatus>, BrokerError> {
+        let nodes = self.presence.nodes().await.map_err(unavailable)?;
+        Ok(nodes
+            .into_iter()
+            .map(|n| NodeStatus {
+                id: n.id,
+                connections: n.connections,
+            })
+            .collect())
+    }
+
     async fn topic_presence(&self, topic: &str) -> Result<Vec<PresenceMember>, BrokerError> {
         self.presence
             .topic_presence(topic)

@@ -103,8 +103,16 @@ impl Commands {
         matches!(self, Commands::Cluster(_))
     }
 
-    /// A connection to run commands on.
+    /// A connection to run commands on (a failure counts in `wsgate_redis_errors_total`).
     pub async fn get(&self) -> Result<CommandConnection, CommandsError> {
+        let got = self.connect().await;
+        if got.is_err() {
+            crate::metrics::redis_error("connection");
+        }
+        got
+    }
+
+    async fn connect(&self) -> Result<CommandConnection, CommandsError> {
         match self {
             Commands::Pool(pool) => Ok(CommandConnection::Pool(pool.get().await?)),
             Commands::Cluster(cluster) => {
@@ -131,12 +139,25 @@ impl CommandConnection {
     }
 }
 
+/// Every command and pipeline through a [`CommandConnection`] is timed
+/// (`wsgate_redis_command_duration_seconds`), and a failure or an error reply counted
+/// (`wsgate_redis_errors_total{kind="command"}`): one clock read and one boxed future per round
+/// trip, nothing next to the round trip itself.
 impl ConnectionLike for CommandConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
+        let sent = match self {
             CommandConnection::Pool(conn) => conn.req_packed_command(cmd),
             CommandConnection::Cluster(conn) => conn.req_packed_command(cmd),
-        }
+        };
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let reply = sent.await;
+            crate::metrics::redis_command(started.elapsed());
+            if matches!(reply, Err(_) | Ok(Value::ServerError(_))) {
+                crate::metrics::redis_error("command");
+            }
+            reply
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -145,10 +166,23 @@ impl ConnectionLike for CommandConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
+        let sent = match self {
             CommandConnection::Pool(conn) => conn.req_packed_commands(cmd, offset, count),
             CommandConnection::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
-        }
+        };
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let replies = sent.await;
+            crate::metrics::redis_command(started.elapsed());
+            let failed = match &replies {
+                Err(_) => true,
+                Ok(values) => values.iter().any(|v| matches!(v, Value::ServerError(_))),
+            };
+            if failed {
+                crate::metrics::redis_error("command");
+            }
+            replies
+        })
     }
 
     fn get_db(&self) -> i64 {

@@ -822,6 +822,7 @@ impl Actor {
     }
 
     fn connect_failed(&mut self, e: &RedisError) {
+        crate::metrics::redis_error("subscription");
         self.live = None;
         self.failed_attempts += 1;
         let url = self.config.target();
@@ -979,6 +980,7 @@ impl Actor {
         if self.live.take().is_none() {
             return;
         }
+        crate::metrics::redis_error("subscription");
         self.degraded = false;
         self.resync_at = None;
         if let Some(probe) = self.probe.take() {

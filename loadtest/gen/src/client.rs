@@ -1,0 +1,515 @@
+//! A minimal WebSocket client (RFC 6455) with the receiving half of permessage-deflate (RFC 7692),
+//! and the three servers' subscribe handshakes.
+//!
+//! Why not tokio-tungstenite (already a dev-dependency of the gateway): it has no
+//! permessage-deflate, and the generator must negotiate it. Only the receiving side of the
+//! extension is needed: a client may always send uncompressed messages (RSV1 clear), and what
+//! the generator sends (subscribe, pong, engine.io packets) is tiny. Inflating is flate2 on a raw
+//! deflate stream with the RFC's `00 00 ff ff` tail appended. When the server answers
+//! `server_no_context_takeover` (wsgate, nchan) every message inflates on its own, so one
+//! inflater per worker process serves every connection; otherwise (Socket.IO's `ws` keeps its
+//! context by default) each connection keeps its own. The generator also offers
+//! `client_no_context_takeover`, which costs it nothing (it never compresses).
+//!
+//! Frames from the server are unmasked; frames to the server are masked (a fixed mask: the
+//! masking protects proxies, not the data, and a constant one is allowed by the framing).
+
+use std::cell::RefCell;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+
+use base64::Engine;
+use flate2::{Decompress, FlushDecompress, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::config::{Config, Scenario, Target};
+
+/// The RFC 6455 example key and its accept value (the key only has to be a base64 nonce; a
+/// fixed one keeps SHA-1 out of the generator).
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+/// Largest message accepted (after inflation).
+const MAX_MESSAGE: usize = 16 << 20;
+
+#[derive(Debug)]
+pub struct ClientError(pub String);
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError(format!("io: {e}"))
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ClientError> {
+    Err(ClientError(msg.into()))
+}
+
+/// One event from the socket.
+pub enum Event<'a> {
+    /// A complete text or binary message (inflated).
+    Message(&'a [u8]),
+    /// The server closed (close frame code, if any) or the TCP stream ended (`None`).
+    Closed(Option<u16>),
+}
+
+/// permessage-deflate as negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    Off,
+    /// Every message on its own (the server said `server_no_context_takeover`).
+    NoContext,
+    /// The server keeps its compression context between messages.
+    Context,
+}
+
+pub struct WsClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// A fragmented message being put together: (compressed, bytes so far).
+    partial: Option<(bool, Vec<u8>)>,
+    /// The last message (inflated, or reassembled).
+    message: Vec<u8>,
+    pub deflate: Deflate,
+    /// Per-connection inflater (context takeover only).
+    inflater: Option<Box<Decompress>>,
+    /// Frames to send (pongs) after the current read.
+    out: Vec<u8>,
+}
+
+/// Opens a TCP connection from `source` (port chosen at connect time, so each source address
+/// gets its own ephemeral port range per destination).
+pub async fn tcp_connect(source: Ipv4Addr, dest: SocketAddr) -> Result<TcpStream, ClientError> {
+    let socket = TcpSocket::new_v4()?;
+    // IP_BIND_ADDRESS_NO_PORT: bind() keeps the address only; connect() picks the port for the
+    // whole 4-tuple, so one source address can reach 28k ports per destination.
+    const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a 4-byte int option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    socket.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))?;
+    let stream = socket.connect(dest).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The request path and query of connection `i`.
+pub fn ws_path(cfg: &Config, i: usize, token: Option<&str>) -> String {
+    let user = cfg.user_of(i);
+    match cfg.target {
+        Target::Wsgate => match token {
+            Some(t) => format!("/ws?token={t}&clientId={}-c{i}", cfg.prefix()),
+            None => format!("/ws?user_id={user}&clientId={}-c{i}", cfg.prefix()),
+        },
+        Target::Socketio => format!("/socket.io/?EIO=4&transport=websocket&user_id={user}"),
+        Target::Nchan => {
+            let channel = match cfg.scenario {
+                Scenario::Users => user,
+                Scenario::Storm => format!("{}-storm", cfg.prefix()),
+                _ if cfg.streams() == 0 => format!("{}-idle", cfg.prefix()),
+                _ => cfg.stream_name(i % cfg.streams()),
+            };
+            format!("/sub/{channel}")
+        }
+    }
+}
+
+impl WsClient {
+    /// The HTTP upgrade. Returns once the 101 has been read.
+    pub async fn handshake(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        offer_deflate: bool,
+    ) -> Result<WsClient, ClientError> {
+        let ext = if offer_deflate {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_no_context_takeover\r\n"
+        } else {
+            ""
+        };
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{ext}\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = vec![0u8; 4096];
+        let mut end = 0;
+        let head_len = loop {
+            if end == buf.len() {
+                return err("upgrade response headers over 4 KiB");
+            }
+            let n = stream.read(&mut buf[end..]).await?;
+            if n == 0 {
+                return err("connection closed during the upgrade");
+            }
+            end += n;
+            if let Some(p) = memchr::memmem::find(&buf[..end], b"\r\n\r\n") {
+                break p + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+        let status = head.split(' ').nth(1).unwrap_or("");
+        if status != "101" {
+            let first = head.lines().next().unwrap_or("");
+            return err(format!("upgrade refused: {first}"));
+        }
+        let mut deflate = Deflate::Off;
+        let mut accept_ok = false;
+        for line in head.lines().skip(1) {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+            if name == "sec-websocket-accept" {
+                accept_ok = value == WS_ACCEPT;
+            } else if name == "sec-websocket-extensions"
+                && value.to_ascii_lowercase().starts_with("permessage-deflate")
+            {
+                deflate = if value.contains("server_no_context_takeover") {
+                    Deflate::NoContext
+                } else {
+                    Deflate::Context
+                };
+            }
+        }
+        if !accept_ok {
+            return err("upgrade answered without the right Sec-WebSocket-Accept");
+        }
+        let inflater = (deflate == Deflate::Context).then(|| Box::new(Decompress::new(false)));
+        Ok(WsClient {
+            stream,
+            buf,
+            start: head_len,
+            end,
+            partial: None,
+            message: Vec::new(),
+            deflate,
+            inflater,
+            out: Vec::new(),
+        })
+    }
+
+    /// Sends one masked text frame.
+    pub async fn send_text(&mut self, text: &[u8]) -> Result<(), ClientError> {
+        let mut f = Vec::with_capacity(text.len() + 14);
+        encode_frame(&mut f, 0x1, text);
+        self.stream.write_all(&f).await?;
+        Ok(())
+    }
+
+    /// The next complete message (pings are answered on the way). `shared` is the worker's
+    /// inflater for messages compressed without context takeover.
+    pub async fn next<'a>(
+        &'a mut self,
+        shared: &RefCell<Decompress>,
+    ) -> Result<Event<'a>, ClientError> {
+        loop {
+            match self.parse_one(shared)? {
+                Parsed::Message => {
+                    return Ok(Event::Message(&self.message));
+                }
+                Parsed::Close(code) => return Ok(Event::Closed(code)),
+                Parsed::Control => continue,
+                Parsed::NeedMore => {}
+            }
+            if !self.out.is_empty() {
+                let out = std::mem::take(&mut self.out);
+                self.stream.write_all(&out).await?;
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.start > 0 && self.end == self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                let len = self.buf.len() * 2;
+                self.buf.resize(len, 0);
+            }
+            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return Ok(Event::Closed(None));
+            }
+            self.end += n;
+        }
+    }
+
+    fn parse_one(&mut self, shared: &RefCell<Decompress>) -> Result<Parsed, ClientError> {
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() < 2 {
+            return Ok(Parsed::NeedMore);
+        }
+        let (b0, b1) = (avail[0], avail[1]);
+        let fin = b0 & 0x80 != 0;
+        let rsv1 = b0 & 0x40 != 0;
+        let opcode = b0 & 0x0F;
+        if b1 & 0x80 != 0 {
+            return err("masked frame from the server");
+        }
+        let (len, header) = match b1 & 0x7F {
+            126 => {
+                if avail.len() < 4 {
+                    return Ok(Parsed::NeedMore);
+                }
+                (u16::from_be_bytes([avail[2], avail[3]]) as usize, 4)
+            }
+            127 => {
+                if avail.len() < 10 {
+                    return Ok(Parsed::NeedMore);
+                }
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&avail[2..10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            l => (l as usize, 2),
+        };
+        if len > MAX_MESSAGE {
+            return err(format!("frame of {len} bytes"));
+        }
+        if avail.len() < header + len {
+            // Make room for the whole frame.
+            let need = header + len;
+            if need > self.buf.len() - self.start {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if need > self.buf.len() {
+                    self.buf.resize(need.next_power_of_two(), 0);
+                }
+            }
+            return Ok(Parsed::NeedMore);
+        }
+        let payload_at = self.start + header;
+        self.start += header + len;
+        let payload = payload_at..payload_at + len;
+        match opcode {
+            0x8 => {
+                let p = &self.buf[payload];
+                let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                Ok(Parsed::Close(code))
+            }
+            0x9 => {
+                let p = self.buf[payload].to_vec();
+                encode_frame(&mut self.out, 0xA, &p);
+                Ok(Parsed::Control)
+            }
+            0xA => Ok(Parsed::Control),
+            0x0..=0x2 => {
+                let compressed;
+                if opcode == 0x0 {
+                    let Some((c, mut data)) = self.partial.take() else {
+                        return err("continuation without a first frame");
+                    };
+                    data.extend_from_slice(&self.buf[payload]);
+                    if !fin {
+                        self.partial = Some((c, data));
+                        return Ok(Parsed::NeedMore);
+                    }
+                    compressed = c;
+                    if compressed {
+                        self.inflate_owned(data, shared)?;
+                    } else {
+                        self.message = data;
+                    }
+                    return Ok(Parsed::Message);
+                }
+                compressed = rsv1;
+                if compressed && self.deflate == Deflate::Off {
+                    return err("RSV1 without permessage-deflate");
+                }
+                if !fin {
+                    self.partial = Some((compressed, self.buf[payload].to_vec()));
+                    return Ok(Parsed::NeedMore);
+                }
+                if compressed {
+                    let data = self.buf[payload].to_vec();
+                    self.inflate_owned(data, shared)?;
+                } else {
+                    self.message.clear();
+                    self.message.extend_from_slice(&self.buf[payload]);
+                }
+                Ok(Parsed::Message)
+            }
+            other => err(format!("opcode {other}")),
+        }
+    }
+
+    fn inflate_owned(
+        &mut self,
+        mut data: Vec<u8>,
+        shared: &RefCell<Decompress>,
+    ) -> Result<(), ClientError> {
+        data.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        // Borrowed only here, never across an await: every connection of the worker shares it.
+        let mut shared = shared.borrow_mut();
+        let inflater: &mut Decompress = match &mut self.inflater {
+            Some(own) => own,
+            None => {
+                shared.reset(false);
+                &mut shared
+            }
+        };
+        self.message.clear();
+        self.message.reserve(data.len() * 4);
+        let mut input = &data[..];
+        loop {
+            if self.message.len() == self.message.capacity() {
+                self.message.reserve(self.message.capacity().max(1024));
+            }
+            let before_in = inflater.total_in();
+            let status = inflater
+                .decompress_vec(input, &mut self.message, FlushDecompress::Sync)
+                .map_err(|e| ClientError(format!("inflate: {e}")))?;
+            let used = (inflater.total_in() - before_in) as usize;
+            input = &input[used..];
+            if self.message.len() > MAX_MESSAGE {
+                return err("inflated message too large");
+            }
+            if input.is_empty() && self.message.len() < self.message.capacity() {
+                break;
+            }
+            if status == Status::StreamEnd {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Parsed {
+    Message,
+    Close(Option<u16>),
+    Control,
+    NeedMore,
+}
+
+/// Appends one masked frame.
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&MASK);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+}
+
+/// An HS256 JWT with `sub` and `exp` (an hour from now).
+pub fn jwt(secret: &str, sub: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    let header = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims = b64.encode(format!(r#"{{"sub":"{sub}","exp":{exp}}}"#));
+    let signing_input = format!("{header}.{claims}");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(signing_input.as_bytes());
+    let sig = b64.encode(mac.finalize().into_bytes());
+    format!("{signing_input}.{sig}")
+}
+
+/// After the upgrade: waits for the server's greeting and subscribes connection `i` to its
+/// stream (topic or user), as each server wants it.
+pub async fn subscribe(
+    ws: &mut WsClient,
+    cfg: &Config,
+    i: usize,
+    shared: &RefCell<Decompress>,
+) -> Result<(), ClientError> {
+    let topic = match cfg.scenario {
+        Scenario::Fanout | Scenario::Topics => Some(cfg.stream_name(i % cfg.streams())),
+        Scenario::Idle if cfg.streams() > 0 => Some(cfg.stream_name(i % cfg.streams())),
+        _ => None,
+    };
+    match cfg.target {
+        Target::Wsgate => {
+            expect(
+                ws,
+                shared,
+                |m| contains(m, br#""type":"connection""#),
+                "connection",
+            )
+            .await?;
+            if let Some(t) = topic {
+                let msg = format!(r#"{{"type":"subscribe","id":1,"data":{{"topics":["{t}"]}}}}"#);
+                ws.send_text(msg.as_bytes()).await?;
+                expect(
+                    ws,
+                    shared,
+                    |m| contains(m, br#""type":"ack""#),
+                    "subscribe ack",
+                )
+                .await?;
+            }
+        }
+        Target::Socketio => {
+            expect(ws, shared, |m| m.first() == Some(&b'0'), "engine.io open").await?;
+            ws.send_text(b"40").await?;
+            expect(ws, shared, |m| m.starts_with(b"40"), "socket.io connect").await?;
+            if let Some(t) = topic {
+                ws.send_text(format!(r#"420["subscribe",["{t}"]]"#).as_bytes())
+                    .await?;
+                expect(ws, shared, |m| m.starts_with(b"430"), "subscribe ack").await?;
+            }
+        }
+        // Subscribed by the upgrade itself.
+        Target::Nchan => {}
+    }
+    Ok(())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    memchr::memmem::find(hay, needle).is_some()
+}
+
+/// Reads messages until one satisfies `want`; an `error` message or a close fails.
+async fn expect(
+    ws: &mut WsClient,
+    shared: &RefCell<Decompress>,
+    want: impl Fn(&[u8]) -> bool,
+    what: &str,
+) -> Result<(), ClientError> {
+    loop {
+        match ws.next(shared).await? {
+            Event::Message(m) if want(m) => return Ok(()),
+            Event::Message(m) if contains(m, br#""type":"error""#) => {
+                return err(format!(
+                    "waiting for {what}: {}",
+                    String::from_utf8_lossy(&m[..m.len().min(300)])
+                ))
+            }
+            Event::Message(m) if m == b"2" => ws.send_text(b"3").await?,
+            Event::Message(_) => {}
+            Event::Closed(code) => return err(format!("closed ({code:?}) waiting for {what}")),
+        }
+    }
+}

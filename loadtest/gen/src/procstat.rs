@@ -1,0 +1,80 @@
+//! The watched server processes: CPU seconds (user + sys, from /proc/<pid>/stat) and resident
+//! memory (VmRSS, from /proc/<pid>/status), each summed over the processes and their
+//! descendants (nginx's workers, for instance).
+
+use std::collections::HashSet;
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// (ppid, utime, stime) of one process.
+fn stat(pid: u32) -> Option<(u32, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces): state is field 3, ppid 4, utime 14,
+    // stime 15 (1-based).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse().ok()?,
+        f.get(12)?.parse().ok()?,
+    ))
+}
+
+/// The given processes and all their descendants that are alive now.
+pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
+    let mut all: HashSet<u32> = roots.iter().copied().collect();
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+                if let Some((ppid, _, _)) = stat(pid) {
+                    parents.push((pid, ppid));
+                }
+            }
+        }
+    }
+    loop {
+        let before = all.len();
+        for &(pid, ppid) in &parents {
+            if all.contains(&ppid) {
+                all.insert(pid);
+            }
+        }
+        if all.len() == before {
+            break;
+        }
+    }
+    let mut v: Vec<u32> = all.into_iter().collect();
+    v.sort_unstable();
+    v
+}
+
+/// Summed (user, sys) CPU seconds.
+pub fn cpu(pids: &[u32]) -> (f64, f64) {
+    let tck = clk_tck();
+    pids.iter()
+        .filter_map(|&p| stat(p))
+        .fold((0.0, 0.0), |(u, s), (_, ut, st)| {
+            (u + ut as f64 / tck, s + st as f64 / tck)
+        })
+}
+
+/// Summed VmRSS in KiB.
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}

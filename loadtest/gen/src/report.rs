@@ -1,0 +1,389 @@
+//! A run's result: JSON (`--json`), a table, and the side-by-side comparison of several results.
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::worker::{new_histogram, WorkerResult};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Connections {
+    pub requested: usize,
+    pub connected: u64,
+    pub failed: u64,
+    pub deflate_negotiated: u64,
+    pub deflate_refused: u64,
+    /// From the first connect started to the last one subscribed.
+    pub seconds: f64,
+    pub per_second: f64,
+    /// Connect + upgrade + subscribe acknowledged, milliseconds.
+    pub handshake_ms: Percentiles,
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// How connections ended before the end of the run (close codes, errors).
+    pub closed: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Publish {
+    pub requested: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub seconds: f64,
+    pub rate: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Deliveries {
+    pub expected: u64,
+    pub received: u64,
+    pub missing: u64,
+    pub duplicated: u64,
+    /// Numbers beyond what the stream was sent (stale messages from another run).
+    pub unexpected: u64,
+    pub connections_with_missing: u64,
+    pub connections_with_duplicates: u64,
+    /// From the first publication to the last delivery.
+    pub seconds: f64,
+    pub per_second: f64,
+    /// Messages without the markers (server notices, engine.io pings are not counted).
+    pub other_messages: u64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Server {
+    pub pids: Vec<u32>,
+    pub cpu_user_seconds: f64,
+    pub cpu_sys_seconds: f64,
+    pub cpu_seconds: f64,
+    pub us_per_delivery: f64,
+    pub deliveries_per_cpu_second: f64,
+    pub connect_cpu_seconds: f64,
+    pub us_per_connect: f64,
+    pub rss_before_kib: u64,
+    pub rss_connected_kib: u64,
+    pub rss_peak_kib: u64,
+    pub rss_end_kib: u64,
+    /// (RSS with every connection up - RSS before) / connections.
+    pub rss_per_connection_kib: f64,
+    /// CPU of `--aux-pid` (Redis) over the publishing window.
+    pub aux_cpu_seconds: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub label: String,
+    pub target: String,
+    pub scenario: String,
+    pub compression: bool,
+    pub payload_bytes: usize,
+    pub streams: usize,
+    pub worker_processes: usize,
+    pub connect_phase_seconds: f64,
+    pub connections: Connections,
+    pub publish: Publish,
+    pub deliveries: Deliveries,
+    pub latency_ms: Percentiles,
+    pub server: Server,
+    pub config: Option<Config>,
+}
+
+fn percentiles(pairs: impl Iterator<Item = (u64, u64)>, scale: f64) -> Percentiles {
+    let mut h = new_histogram();
+    for (v, c) in pairs {
+        let _ = h.record_n(v.max(1), c);
+    }
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        count: h.len(),
+        p50: h.value_at_quantile(0.5) as f64 * scale,
+        p99: h.value_at_quantile(0.99) as f64 * scale,
+        p999: h.value_at_quantile(0.999) as f64 * scale,
+        max: h.max() as f64 * scale,
+    }
+}
+
+impl Report {
+    pub fn new(cfg: &Config, procs: usize, pids: &[u32]) -> Report {
+        Report {
+            label: cfg.label.clone(),
+            target: format!("{:?}", cfg.target).to_lowercase(),
+            scenario: format!("{:?}", cfg.scenario).to_lowercase(),
+            compression: cfg.compression,
+            payload_bytes: cfg.size,
+            streams: cfg.streams(),
+            worker_processes: procs,
+            server: Server {
+                pids: pids.to_vec(),
+                ..Server::default()
+            },
+            config: Some(cfg.clone()),
+            ..Report::default()
+        }
+    }
+
+    pub fn fill(
+        &mut self,
+        cfg: &Config,
+        results: &[WorkerResult],
+        window_seconds: f64,
+        cpu: (f64, f64),
+        aux_cpu: f64,
+    ) {
+        let c = &mut self.connections;
+        c.requested = cfg.connections;
+        let d = &mut self.deliveries;
+        let mut first = u64::MAX;
+        let mut last = 0;
+        for r in results {
+            c.connected += r.connected;
+            c.failed += r.failed;
+            c.deflate_negotiated += r.negotiated;
+            c.deflate_refused += r.not_negotiated;
+            for (k, v) in &r.errors {
+                *c.errors.entry(k.clone()).or_default() += v;
+            }
+            for (k, v) in &r.closes {
+                *c.closed.entry(k.clone()).or_default() += v;
+            }
+            d.expected += r.expected;
+            d.received += r.received;
+            d.missing += r.missing;
+            d.duplicated += r.duplicated;
+            d.unexpected += r.unexpected;
+            d.connections_with_missing += r.conns_with_missing;
+            d.connections_with_duplicates += r.conns_with_duplicates;
+            d.other_messages += r.unmarked;
+            first = first.min(r.first_start_ns);
+            last = last.max(r.last_done_ns);
+        }
+        if last > first {
+            c.seconds = (last - first) as f64 / 1e9;
+            c.per_second = c.connected as f64 / c.seconds;
+        }
+        c.handshake_ms = percentiles(
+            results.iter().flat_map(|r| r.connect_us.iter().copied()),
+            1e-3,
+        );
+        self.latency_ms = percentiles(
+            results.iter().flat_map(|r| r.latency_us.iter().copied()),
+            1e-3,
+        );
+        d.seconds = window_seconds;
+        if window_seconds > 0.0 {
+            d.per_second = d.received as f64 / window_seconds;
+        }
+        if self.publish.seconds > 0.0 {
+            self.publish.rate = self.publish.ok as f64 / self.publish.seconds;
+        }
+        let s = &mut self.server;
+        s.cpu_user_seconds = cpu.0;
+        s.cpu_sys_seconds = cpu.1;
+        s.cpu_seconds = cpu.0 + cpu.1;
+        s.aux_cpu_seconds = aux_cpu;
+        if d.received > 0 && s.cpu_seconds > 0.0 {
+            s.us_per_delivery = s.cpu_seconds / d.received as f64 * 1e6;
+            s.deliveries_per_cpu_second = d.received as f64 / s.cpu_seconds;
+        }
+        if c.connected > 0 {
+            s.us_per_connect = s.connect_cpu_seconds / c.connected as f64 * 1e6;
+            s.rss_per_connection_kib =
+                s.rss_connected_kib.saturating_sub(s.rss_before_kib) as f64 / c.connected as f64;
+        }
+    }
+
+    /// Whether the run went as asked: every connection up (and deflate where offered), every
+    /// publication accepted and delivered exactly once.
+    pub fn ok(&self) -> bool {
+        let c = &self.connections;
+        let d = &self.deliveries;
+        c.failed == 0
+            && c.deflate_refused == 0
+            && self.publish.errors == 0
+            && d.missing == 0
+            && d.duplicated == 0
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let c = &self.connections;
+        let d = &self.deliveries;
+        let s = &self.server;
+        let l = &self.latency_ms;
+        let _ = writeln!(
+            t,
+            "== {} / {} / compression {} / {}-byte data / {} stream(s) / {} worker process(es)",
+            self.label,
+            self.scenario,
+            if self.compression { "on" } else { "off" },
+            self.payload_bytes,
+            self.streams,
+            self.worker_processes
+        );
+        let _ = writeln!(
+            t,
+            "connections        {} of {} (failed {}, deflate negotiated {}, refused {})",
+            c.connected, c.requested, c.failed, c.deflate_negotiated, c.deflate_refused
+        );
+        let _ = writeln!(
+            t,
+            "connects           {:.0}/s over {:.2} s; connect+subscribe p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            c.per_second, c.seconds, c.handshake_ms.p50, c.handshake_ms.p99, c.handshake_ms.max
+        );
+        for (e, n) in &c.errors {
+            let _ = writeln!(t, "  connect error x{n}: {e}");
+        }
+        for (e, n) in &c.closed {
+            let _ = writeln!(t, "  ended early x{n}: {e}");
+        }
+        if self.publish.requested > 0 {
+            let p = &self.publish;
+            let _ = writeln!(
+                t,
+                "publications       {} of {} accepted ({} errors) in {:.2} s = {:.1}/s",
+                p.ok, p.requested, p.errors, p.seconds, p.rate
+            );
+            if let Some(e) = &p.first_error {
+                let _ = writeln!(t, "  first publish error: {}", e.replace("\r\n", " | "));
+            }
+            let _ = writeln!(
+                t,
+                "deliveries         {} of {} in {:.2} s = {:.0}/s; missing {} ({} connections), duplicated {} ({} connections), unexpected {}",
+                d.received,
+                d.expected,
+                d.seconds,
+                d.per_second,
+                d.missing,
+                d.connections_with_missing,
+                d.duplicated,
+                d.connections_with_duplicates,
+                d.unexpected
+            );
+            let _ = writeln!(
+                t,
+                "latency (ms)       p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (publish send -> receive, {} samples)",
+                l.p50, l.p99, l.p999, l.max, l.count
+            );
+            let _ = writeln!(
+                t,
+                "server CPU         {:.2} s (user {:.2}, sys {:.2}) = {:.3} us per delivery, {:.0} deliveries per CPU-second",
+                s.cpu_seconds, s.cpu_user_seconds, s.cpu_sys_seconds, s.us_per_delivery, s.deliveries_per_cpu_second
+            );
+            if s.aux_cpu_seconds > 0.0 {
+                let _ = writeln!(t, "redis CPU          {:.2} s", s.aux_cpu_seconds);
+            }
+        }
+        let _ = writeln!(
+            t,
+            "server connect CPU {:.2} s = {:.1} us per connect",
+            s.connect_cpu_seconds, s.us_per_connect
+        );
+        let _ = writeln!(
+            t,
+            "server RSS (KiB)   before {}, all connected {}, peak {}, end {}; {:.2} KiB per connection",
+            s.rss_before_kib, s.rss_connected_kib, s.rss_peak_kib, s.rss_end_kib, s.rss_per_connection_kib
+        );
+        t
+    }
+}
+
+/// Side by side: one column per result, each figure with its ratio to the first column.
+pub fn compare(reports: &[Report], ratios: bool) -> String {
+    let mut t = String::new();
+    let Some(base) = reports.first() else {
+        return t;
+    };
+    type Get = fn(&Report) -> f64;
+    let rows: [(&str, Get, &str); 17] = [
+        ("connections", |r| r.connections.connected as f64, ""),
+        ("payload bytes", |r| r.payload_bytes as f64, ""),
+        (
+            "connects/s",
+            |r| r.connections.per_second,
+            "higher is better",
+        ),
+        (
+            "connect+subscribe p99 (ms)",
+            |r| r.connections.handshake_ms.p99,
+            "lower is better",
+        ),
+        (
+            "server CPU per connect (us)",
+            |r| r.server.us_per_connect,
+            "lower is better",
+        ),
+        (
+            "deliveries/s",
+            |r| r.deliveries.per_second,
+            "higher is better",
+        ),
+        ("latency p50 (ms)", |r| r.latency_ms.p50, "lower is better"),
+        ("latency p99 (ms)", |r| r.latency_ms.p99, "lower is better"),
+        (
+            "latency p99.9 (ms)",
+            |r| r.latency_ms.p999,
+            "lower is better",
+        ),
+        ("latency max (ms)", |r| r.latency_ms.max, "lower is better"),
+        (
+            "server CPU per delivery (us)",
+            |r| r.server.us_per_delivery,
+            "lower is better",
+        ),
+        (
+            "deliveries per server CPU-second",
+            |r| r.server.deliveries_per_cpu_second,
+            "higher is better",
+        ),
+        (
+            "server RSS per connection (KiB)",
+            |r| r.server.rss_per_connection_kib,
+            "lower is better",
+        ),
+        ("missing", |r| r.deliveries.missing as f64, ""),
+        ("duplicated", |r| r.deliveries.duplicated as f64, ""),
+        ("redis CPU (s)", |r| r.server.aux_cpu_seconds, ""),
+        ("publications accepted", |r| r.publish.ok as f64, ""),
+    ];
+    let _ = write!(t, "| figure |");
+    for r in reports {
+        let _ = write!(t, " {} |", r.label);
+    }
+    let _ = writeln!(t);
+    let _ = write!(t, "|---|");
+    for _ in reports {
+        let _ = write!(t, "---|");
+    }
+    let _ = writeln!(t);
+    for (name, get, _) in rows {
+        let _ = write!(t, "| {name} |");
+        let b = get(base);
+        for (i, r) in reports.iter().enumerate() {
+            let v = get(r);
+            let num = if v.abs() >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            };
+            if i == 0 || b == 0.0 || !ratios {
+                let _ = write!(t, " {num} |");
+            } else {
+                let _ = write!(t, " {num} ({:.2}x) |", v / b);
+            }
+        }
+        let _ = writeln!(t);
+    }
+    t
+}

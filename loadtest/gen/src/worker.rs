@@ -1,0 +1,391 @@
+//! A worker process: holds its share of the connections (connection i belongs to worker
+//! i mod procs), one tokio task each on a single-threaded runtime, and records what arrives.
+//!
+//! Talks to the coordinator by lines: on stdout `READY {json}` once every connect has finished
+//! (or failed), `P <received>` every 100 ms, and `R {json}` (its result) after it reads `STOP`
+//! on stdin; then it exits without closing its sockets politely (the kernel does).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::time::Duration;
+
+use flate2::Decompress;
+use hdrhistogram::Histogram;
+use memchr::memmem::Finder;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::client::{self, Deflate, Event, WsClient};
+use crate::config::{Config, Scenario, Target};
+use crate::publish::now_ns;
+
+/// Per-connection bookkeeping: which publication numbers of its stream arrived.
+struct Track {
+    seen: Vec<u64>,
+    expected: u64,
+    dups: u64,
+    unexpected: u64,
+    connected: bool,
+}
+
+impl Track {
+    fn record(&mut self, n: u64) {
+        if n >= self.expected {
+            self.unexpected += 1;
+            return;
+        }
+        let (w, b) = ((n / 64) as usize, n % 64);
+        if self.seen[w] & (1 << b) != 0 {
+            self.dups += 1;
+        } else {
+            self.seen[w] |= 1 << b;
+        }
+    }
+
+    fn unique(&self) -> u64 {
+        self.seen.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+struct Shared {
+    cfg: Config,
+    latency: RefCell<Histogram<u64>>,
+    connect: RefCell<Histogram<u64>>,
+    tracks: RefCell<Vec<Track>>,
+    inflater: RefCell<Decompress>,
+    received: Cell<u64>,
+    unmarked: Cell<u64>,
+    connected: Cell<u64>,
+    failed: Cell<u64>,
+    negotiated: Cell<u64>,
+    not_negotiated: Cell<u64>,
+    done: Cell<usize>,
+    first_start_ns: Cell<u64>,
+    last_done_ns: Cell<u64>,
+    errors: RefCell<BTreeMap<String, u64>>,
+    closes: RefCell<BTreeMap<String, u64>>,
+    ts_finder: Finder<'static>,
+    n_finder: Finder<'static>,
+}
+
+/// What a worker reports at `STOP`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct WorkerResult {
+    pub connected: u64,
+    pub failed: u64,
+    pub negotiated: u64,
+    pub not_negotiated: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub closes: BTreeMap<String, u64>,
+    pub received: u64,
+    pub unmarked: u64,
+    pub expected: u64,
+    pub missing: u64,
+    pub duplicated: u64,
+    pub unexpected: u64,
+    pub conns_with_missing: u64,
+    pub conns_with_duplicates: u64,
+    pub first_start_ns: u64,
+    pub last_done_ns: u64,
+    /// (value in microseconds, count)
+    pub latency_us: Vec<(u64, u64)>,
+    pub connect_us: Vec<(u64, u64)>,
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+fn parse_u64_after(hay: &[u8], at: usize) -> Option<u64> {
+    let digits = hay[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    std::str::from_utf8(&hay[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+impl Shared {
+    /// The send timestamp and number of a publication, if `m` is one.
+    fn markers(&self, m: &[u8]) -> Option<(u64, u64)> {
+        let t = self.ts_finder.find(m)? + 7;
+        let ts = parse_u64_after(m, t)?;
+        let n = self.n_finder.find(&m[t..])? + t + 6;
+        Some((ts, parse_u64_after(m, n)?))
+    }
+
+    fn error(&self, map: &RefCell<BTreeMap<String, u64>>, what: String) {
+        // Numbers make every message distinct; keep the shape.
+        let key: String = what
+            .chars()
+            .map(|c| if c.is_ascii_digit() { '#' } else { c })
+            .take(160)
+            .collect();
+        *map.borrow_mut().entry(key).or_default() += 1;
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+pub fn main(cfg: Config, index: usize, procs: usize) -> ! {
+    crate::raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, run(cfg, index, procs));
+    std::process::exit(0);
+}
+
+async fn run(cfg: Config, index: usize, procs: usize) {
+    let mine: Vec<usize> = (index..cfg.connections).step_by(procs).collect();
+    let tracks = mine
+        .iter()
+        .map(|&i| {
+            let expected = if cfg.publishes() {
+                cfg.per_stream(i % cfg.streams())
+            } else {
+                0
+            };
+            Track {
+                seen: vec![0; expected.div_ceil(64) as usize],
+                expected,
+                dups: 0,
+                unexpected: 0,
+                connected: false,
+            }
+        })
+        .collect();
+    let shared = Rc::new(Shared {
+        cfg,
+        latency: RefCell::new(new_histogram()),
+        connect: RefCell::new(new_histogram()),
+        tracks: RefCell::new(tracks),
+        inflater: RefCell::new(Decompress::new(false)),
+        received: Cell::new(0),
+        unmarked: Cell::new(0),
+        connected: Cell::new(0),
+        failed: Cell::new(0),
+        negotiated: Cell::new(0),
+        not_negotiated: Cell::new(0),
+        done: Cell::new(0),
+        first_start_ns: Cell::new(u64::MAX),
+        last_done_ns: Cell::new(0),
+        errors: RefCell::new(BTreeMap::new()),
+        closes: RefCell::new(BTreeMap::new()),
+        ts_finder: Finder::new(b"\"lgts\":"),
+        n_finder: Finder::new(b"\"lgn\":"),
+    });
+    let dests: Vec<(SocketAddr, String)> = shared
+        .cfg
+        .ws
+        .iter()
+        .map(|a| {
+            let addr = a
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut it| it.find(SocketAddr::is_ipv4))
+                .unwrap_or_else(|| panic!("--ws {a}: not an IPv4 HOST:PORT"));
+            (addr, a.clone())
+        })
+        .collect();
+    let dests = Rc::new(dests);
+    let gate = Rc::new(Semaphore::new(shared.cfg.connect_concurrency.max(1)));
+    let total = mine.len();
+    for (j, &i) in mine.iter().enumerate() {
+        let (shared, dests, gate) = (Rc::clone(&shared), Rc::clone(&dests), Rc::clone(&gate));
+        tokio::task::spawn_local(async move {
+            connection(j, i, &shared, &dests, &gate).await;
+        });
+    }
+    // READY once every connect has finished.
+    while shared.done.get() < total {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let expected: u64 = shared
+        .tracks
+        .borrow()
+        .iter()
+        .filter(|t| t.connected)
+        .map(|t| t.expected)
+        .sum();
+    say(&format!(
+        "READY {}",
+        serde_json::json!({
+            "connected": shared.connected.get(),
+            "failed": shared.failed.get(),
+            "expected": expected,
+        })
+    ));
+    {
+        let shared = Rc::clone(&shared);
+        tokio::task::spawn_local(async move {
+            let mut last = u64::MAX;
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let r = shared.received.get();
+                if r != last {
+                    say(&format!("P {r}"));
+                    last = r;
+                }
+            }
+        });
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim() == "STOP" {
+            break;
+        }
+    }
+    let result = result(&shared);
+    say(&format!(
+        "R {}",
+        serde_json::to_string(&result).expect("serializes")
+    ));
+}
+
+fn result(shared: &Shared) -> WorkerResult {
+    let tracks = shared.tracks.borrow();
+    let mut r = WorkerResult {
+        connected: shared.connected.get(),
+        failed: shared.failed.get(),
+        negotiated: shared.negotiated.get(),
+        not_negotiated: shared.not_negotiated.get(),
+        errors: shared.errors.borrow().clone(),
+        closes: shared.closes.borrow().clone(),
+        received: shared.received.get(),
+        unmarked: shared.unmarked.get(),
+        first_start_ns: shared.first_start_ns.get(),
+        last_done_ns: shared.last_done_ns.get(),
+        ..WorkerResult::default()
+    };
+    for t in tracks.iter().filter(|t| t.connected) {
+        let missing = t.expected - t.unique();
+        r.expected += t.expected;
+        r.missing += missing;
+        r.duplicated += t.dups;
+        r.unexpected += t.unexpected;
+        r.conns_with_missing += u64::from(missing > 0);
+        r.conns_with_duplicates += u64::from(t.dups > 0);
+    }
+    r.latency_us = shared
+        .latency
+        .borrow()
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect();
+    r.connect_us = shared
+        .connect
+        .borrow()
+        .iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect();
+    r
+}
+
+async fn connection(
+    j: usize,
+    i: usize,
+    shared: &Shared,
+    dests: &[(SocketAddr, String)],
+    gate: &Semaphore,
+) {
+    let cfg = &shared.cfg;
+    let permit = gate.acquire().await.expect("open");
+    let start = Instant::now();
+    shared
+        .first_start_ns
+        .set(shared.first_start_ns.get().min(now_ns()));
+    let (dest, host) = &dests[i % dests.len()];
+    let source = Ipv4Addr::new(127, 0, 0, 1 + (i % cfg.source_ips.clamp(1, 254)) as u8);
+    let opened = async {
+        let token = cfg
+            .jwt_secret
+            .as_deref()
+            .map(|secret| client::jwt(secret, &cfg.user_of(i)));
+        let stream = client::tcp_connect(source, *dest).await?;
+        let path = client::ws_path(cfg, i, token.as_deref());
+        let mut ws = WsClient::handshake(stream, host, &path, cfg.compression).await?;
+        client::subscribe(&mut ws, cfg, i, &shared.inflater).await?;
+        Ok::<WsClient, client::ClientError>(ws)
+    }
+    .await;
+    let now = now_ns();
+    shared.last_done_ns.set(shared.last_done_ns.get().max(now));
+    drop(permit);
+    let mut ws = match opened {
+        Ok(ws) => ws,
+        Err(e) => {
+            shared.failed.set(shared.failed.get() + 1);
+            shared.error(&shared.errors, e.0);
+            shared.done.set(shared.done.get() + 1);
+            return;
+        }
+    };
+    let us = start.elapsed().as_micros() as u64;
+    let _ = shared.connect.borrow_mut().record(us.max(1));
+    shared.connected.set(shared.connected.get() + 1);
+    if ws.deflate != Deflate::Off {
+        shared.negotiated.set(shared.negotiated.get() + 1);
+    } else if cfg.compression {
+        shared.not_negotiated.set(shared.not_negotiated.get() + 1);
+    }
+    shared.tracks.borrow_mut()[j].connected = true;
+    shared.done.set(shared.done.get() + 1);
+    if cfg.scenario == Scenario::Storm {
+        // Held until the worker exits; nothing more to read (pings are answered by nobody,
+        // which is fine for the few seconds a storm lasts).
+        std::future::pending::<()>().await;
+    }
+    let engine_io = cfg.target == Target::Socketio;
+    loop {
+        let mut answer_ping = false;
+        match ws.next(&shared.inflater).await {
+            Ok(Event::Message(m)) => {
+                if let Some((ts, n)) = shared.markers(m) {
+                    let now = now_ns();
+                    let us = now.saturating_sub(ts) / 1000;
+                    let _ = shared.latency.borrow_mut().record(us.max(1));
+                    shared.received.set(shared.received.get() + 1);
+                    shared.tracks.borrow_mut()[j].record(n);
+                } else if engine_io && m == b"2" {
+                    answer_ping = true;
+                } else {
+                    shared.unmarked.set(shared.unmarked.get() + 1);
+                }
+            }
+            Ok(Event::Closed(code)) => {
+                let what = match code {
+                    Some(c) => format!("close {c}"),
+                    None => "connection ended".to_string(),
+                };
+                *shared.closes.borrow_mut().entry(what).or_default() += 1;
+                return;
+            }
+            Err(e) => {
+                shared.error(&shared.closes, e.0);
+                return;
+            }
+        }
+        if answer_ping && ws.send_text(b"3").await.is_err() {
+            *shared
+                .closes
+                .borrow_mut()
+                .entry("write failed".into())
+                .or_default() += 1;
+            return;
+        }
+    }
+}

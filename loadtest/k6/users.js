@@ -1,0 +1,55 @@
+// k6, per-user sends: SUBSCRIBERS virtual users, each connected as a user of its own (no
+// subscription); one sender posts PUBLISHES direct messages round-robin over those users with
+// `POST /api/ws/send` at RATE per second. Checks missing/duplicated messages per connection and
+// publish-to-receive latency.
+//
+//   k6 run -e BASE=127.0.0.1:8080 -e SUBSCRIBERS=200 -e PUBLISHES=2000 -e RATE=200 loadtest/k6/users.js
+//
+// Thresholds: every connect upgraded, every publish 200, nothing missing or duplicated, latency
+// p99 under LAT_P99_MS (default 50).
+import ws from 'k6/ws';
+import { check } from 'k6';
+import * as lib from './lib.js';
+
+const SUBSCRIBERS = parseInt(__ENV.SUBSCRIBERS || '100', 10);
+const PUBLISHES = parseInt(__ENV.PUBLISHES || '1000', 10);
+const RATE = parseFloat(__ENV.RATE || '100');
+const HOLD_SECONDS = Math.ceil(PUBLISHES / RATE) + 6;
+const user = (s) => `${lib.PREFIX}-u${s}`;
+
+export const options = {
+  scenarios: {
+    subscribers: {
+      executor: 'per-vu-iterations', vus: SUBSCRIBERS, iterations: 1,
+      exec: 'subscriber', maxDuration: `${HOLD_SECONDS + 30}s`,
+    },
+    publisher: {
+      executor: 'per-vu-iterations', vus: 1, iterations: 1,
+      exec: 'publisher', startTime: '3s', maxDuration: `${HOLD_SECONDS + 30}s`,
+    },
+  },
+  thresholds: {
+    ws_connect_ok: ['rate==1'],
+    publish_ok: ['rate==1'],
+    ws_missing: ['count==0'],
+    ws_duplicated: ['count==0'],
+    ws_latency_ms: [`p(99)<${__ENV.LAT_P99_MS || 50}`],
+    checks: ['rate==1'],
+  },
+};
+
+export function subscriber() {
+  const s = __VU - 1; // VUs are numbered from 1 within the run
+  const t = lib.tracker();
+  const res = ws.connect(`ws://${lib.BASE}/ws?user_id=${user(s)}`, lib.wsParams(), (socket) => {
+    socket.on('message', (raw) => t.seen(raw));
+    socket.setTimeout(() => socket.close(), HOLD_SECONDS * 1000);
+  });
+  lib.connectOk.add(res && res.status === 101);
+  check(res, { 'upgraded (101)': (r) => r && r.status === 101 });
+  t.finish(lib.perStream(PUBLISHES, SUBSCRIBERS, s));
+}
+
+export function publisher() {
+  lib.paced(PUBLISHES, SUBSCRIBERS, RATE, (s, n) => lib.sendToUser(user(s), n));
+}
