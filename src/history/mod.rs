@@ -64,7 +64,8 @@ impl HistoryPage {
                 complete: since.seq == 0,
             };
         };
-        if current.epoch != since.epoch {
+        // Seq 0 means "nothing seen yet": any epoch's history from its start will do.
+        if current.epoch != since.epoch && since.seq != 0 {
             return HistoryPage {
                 position,
                 publications: Vec::new(),
@@ -239,6 +240,11 @@ mod tests {
         let page = ring.read("t", Some(&at(2)), 100, b);
         assert!(!page.complete, "3 was trimmed");
         assert!(page.publications.is_empty());
+        let from_nothing = StreamPosition {
+            seq: 0,
+            epoch: String::new(),
+        };
+        assert!(!ring.read("t", Some(&from_nothing), 100, b).complete, "1-3 are gone");
         let page = ring.read("t", Some(&at(8)), 100, b);
         assert_eq!((seqs(&page), page.complete), (vec![], true));
         let other_epoch = StreamPosition {
@@ -260,6 +266,20 @@ mod tests {
         let ring = HistoryRing::new();
         assert!(ring.read("t", Some(&at(0)), 10, bounds(5)).complete);
         assert!(!ring.read("t", Some(&at(3)), 10, bounds(5)).complete);
+    }
+
+    #[test]
+    fn seq_zero_recovers_from_the_start_of_any_epoch() {
+        let ring = HistoryRing::new();
+        let b = bounds(5);
+        publish(&ring, "t", b);
+        publish(&ring, "t", b);
+        let from_nothing = StreamPosition {
+            seq: 0,
+            epoch: String::new(),
+        };
+        let page = ring.read("t", Some(&from_nothing), 10, b);
+        assert_eq!((seqs(&page), page.complete), (vec![1, 2], true));
     }
 
     #[test]

@@ -161,7 +161,8 @@ local function history(keys, args)
   local count = limit
   local take = limit
   if args[1] ~= '' then
-    if args[2] ~= epoch then
+    -- Seq 0 means "nothing seen yet": this epoch from its start will do.
+    if args[2] ~= epoch and tonumber(args[1]) ~= 0 then
       return {top, epoch}
     end
     count = top - tonumber(args[1])
