@@ -170,6 +170,22 @@ async fn missing_expired_early_and_forged_tokens_are_refused_with_4001() {
     assert_eq!(node.context().hub.connection_count(), 0);
 }
 
+/// At the expiry edge with no leeway: a token whose `exp` is this very second would be closed for
+/// expiry as soon as it connected (and its client would reconnect in a loop), so it is refused.
+#[tokio::test]
+async fn a_token_expiring_now_is_refused_at_connect() {
+    let node = start_node(|s| {
+        with_secret(s);
+        s.auth.leeway = Duration::ZERO;
+    })
+    .await;
+    let now_token = hs256(SECRET, &claims("alice", 0, json!({})));
+    let why = refused(node.local_addr, &format!("/ws?token={now_token}")).await;
+    assert!(why.contains("expired"), "{why}");
+    let later = hs256(SECRET, &claims("alice", 3, json!({})));
+    assert_eq!(user_of(node.local_addr, &later).await, "alice");
+}
+
 #[tokio::test]
 async fn token_size_limit_at_its_edge() {
     let token = hs256(

@@ -171,8 +171,14 @@ impl Authenticator {
             &sub,
         )
         .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let expires_at = UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway;
+        // jsonwebtoken accepts `exp == now`; such a connection would be closed for expiry at
+        // once, and its client would reconnect with the same token in a tight loop.
+        if expires_at <= SystemTime::now() {
+            return Err(AuthError::Expired);
+        }
         Ok(Credentials {
-            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway),
+            expires_at: Some(expires_at),
             user_id: Some(sub),
             grants,
         })
