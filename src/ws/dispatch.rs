@@ -5,7 +5,7 @@
 //!
 //! The frame-level read loop that calls these lives in `session`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -15,9 +15,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-/// How long a recovering subscribe waits for this node's subscription to the topic.
-const RECOVERY_SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
+use super::recovery;
 use super::session::Session;
 use crate::auth::{self, Action};
 use crate::broker::{Direct, Recipient, TopicMessage, UpstreamMessage};
@@ -119,66 +117,14 @@ impl Session {
     /// follow them, with no gap and no duplicate.
     async fn handle_subscribe(&mut self, msg: &Inbound<'_>) -> Result<Option<Bytes>, Refusal> {
         let req = SubscriptionRequest::from_message(msg)?;
-        let recovery = req.recovery()?;
+        let recovery = recovery::positions(&req.topics, req.since.as_ref(), req.recover)?;
         let topics = self.subscribe(req.topics, req.filters.as_ref(), req.interval, &recovery)?;
-        let mut data = json!({"action": "subscribe", "topics": topics});
+        let data = json!({"action": "subscribe", "topics": topics});
         if recovery.is_empty() {
             return Ok(Some(self.reply("ack", msg.request_id(), data)));
         }
-        let mut recovered_all = true;
-        let mut positions = serde_json::Map::new();
-        let mut replays = Vec::new();
-        for (topic, since) in &recovery {
-            let (recovered, position, replay) = self.recover(topic, since.as_ref()).await;
-            // Asking only for the position (no `since`) recovers nothing and loses nothing.
-            recovered_all &= recovered || since.is_none();
-            let mut entry = json!({ "position": position });
-            if since.is_some() {
-                entry["recovered"] = Value::Bool(recovered);
-            }
-            positions.insert(topic.clone(), entry);
-            replays.push((topic, replay));
-        }
-        data["recovered"] = Value::Bool(recovered_all);
-        data["recovery"] = Value::Object(positions);
-        let _ = self
-            .conn
-            .outbound
-            .push(self.reply("ack", msg.request_id(), data));
-        for (topic, replay) in replays {
-            self.ctx.hub.finish_recovery(topic, self.conn.id, replay);
-        }
+        self.recover_topics(msg.request_id(), data, &recovery).await;
         Ok(None)
-    }
-
-    /// Reads what `topic` published after `since`, once this node is sure to receive the
-    /// topic live. Returns whether that is complete, the topic's current position, and the
-    /// publications to replay (none when incomplete: a partial replay would hide the gap).
-    async fn recover(
-        &self,
-        topic: &str,
-        since: Option<&StreamPosition>,
-    ) -> (bool, Option<StreamPosition>, Vec<crate::hub::Publication>) {
-        let history = self.ctx.settings.namespace_of(topic).history;
-        if !self
-            .ctx
-            .broker
-            .await_subscribed(topic, RECOVERY_SUBSCRIBE_TIMEOUT)
-            .await
-        {
-            return (false, None, Vec::new());
-        }
-        let limit = if since.is_some() { history.size } else { 0 };
-        match self.ctx.broker.history(topic, since, limit).await {
-            Ok(page) if page.complete && since.is_some() => {
-                (true, page.position, page.publications)
-            }
-            Ok(page) => (false, page.position, Vec::new()),
-            Err(e) => {
-                tracing::debug!(topic, error = %e, "history unavailable for recovery");
-                (false, None, Vec::new())
-            }
-        }
     }
 
     /// `ack` of `requireAck` publications: their ids in `data.id`, `data.messageId` or the list
@@ -501,7 +447,12 @@ impl Session {
     }
 
     /// A reply frame whose `data` carries `requestId` when the request had an id.
-    fn reply(&self, kind: &str, request_id: Option<&RawValue>, mut data: Value) -> Bytes {
+    pub(super) fn reply(
+        &self,
+        kind: &str,
+        request_id: Option<&RawValue>,
+        mut data: Value,
+    ) -> Bytes {
         if let (Some(id), Value::Object(map)) = (request_id, &mut data) {
             let id = serde_json::from_str(id.get()).unwrap_or(Value::Null);
             map.insert("requestId".into(), id);
@@ -593,35 +544,6 @@ struct SubscriptionRequest {
 }
 
 impl SubscriptionRequest {
-    /// The topics to recover and each one's starting position: `since` is `{seq, epoch}` (for
-    /// every listed topic) or `{TOPIC: {seq, epoch}, ...}`; `recover: true` alone asks for the
-    /// positions only. Empty when neither was given.
-    fn recovery(&self) -> Result<Vec<(String, Option<StreamPosition>)>, Refusal> {
-        let bad = |e: serde_json::Error| {
-            Refusal::new(
-                ErrorCode::InvalidSubscription,
-                format!("`since` must be {{seq, epoch}} or {{topic: {{seq, epoch}}}}: {e}"),
-            )
-        };
-        let per_topic: HashMap<String, StreamPosition> = match &self.since {
-            None | Some(Value::Null) if !self.recover => return Ok(Vec::new()),
-            None | Some(Value::Null) => HashMap::new(),
-            Some(v) if v.get("seq").is_some() => {
-                let at: StreamPosition = serde_json::from_value(v.clone()).map_err(bad)?;
-                self.topics
-                    .iter()
-                    .map(|t| (t.clone(), at.clone()))
-                    .collect()
-            }
-            Some(v) => serde_json::from_value(v.clone()).map_err(bad)?,
-        };
-        Ok(self
-            .topics
-            .iter()
-            .map(|t| (t.clone(), per_topic.get(t).cloned()))
-            .collect())
-    }
-
     fn from_message(msg: &Inbound<'_>) -> Result<Self, Refusal> {
         let data: SubscriptionData = parse_data(msg.data)?;
         let mut topics: Vec<String> = Vec::new();

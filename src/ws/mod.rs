@@ -1,6 +1,6 @@
 //! The WebSocket side of a node, in the order a connection meets it:
 //! `upgrade` (handshake, identity, admission) -> `session` (read loop, frames to messages) ->
-//! `dispatch` (each client message of the protocol) -> `writer` (bounded queue, batched
+//! `dispatch` (each client message of the protocol; `recovery` for subscriptions with `since`) -> `writer` (bounded queue, batched
 //! writes) -> socket. `guard` sits below fastwebsockets on the read path; `frame` builds the
 //! server's frame bytes.
 
@@ -8,6 +8,7 @@ pub mod deflate;
 mod dispatch;
 pub mod frame;
 pub mod guard;
+mod recovery;
 pub mod session;
 pub mod upgrade;
 pub mod writer;
