@@ -244,7 +244,10 @@ mod tests {
             seq: 0,
             epoch: String::new(),
         };
-        assert!(!ring.read("t", Some(&from_nothing), 100, b).complete, "1-3 are gone");
+        assert!(
+            !ring.read("t", Some(&from_nothing), 100, b).complete,
+            "1-3 are gone"
+        );
         let page = ring.read("t", Some(&at(8)), 100, b);
         assert_eq!((seqs(&page), page.complete), (vec![], true));
         let other_epoch = StreamPosition {
