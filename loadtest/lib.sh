@@ -76,8 +76,8 @@ install_apt() {
 # Builds (unless given) the gateway and the generator; sets WSGATE_BIN and LOADGEN_BIN.
 build_binaries() {
     if [ -z "${WSGATE_BIN:-}" ] || [ -z "${LOADGEN_BIN:-}" ]; then
-        say "cargo build --release --bin wsgate -p wsgate-loadgen"
-        cargo build --release --quiet --bin wsgate -p wsgate-loadgen
+        say "cargo build --release -p wsgate -p wsgate-loadgen --bins"
+        cargo build --release --quiet -p wsgate -p wsgate-loadgen --bins
     fi
     WSGATE_BIN=${WSGATE_BIN:-target/release/wsgate}
     LOADGEN_BIN=${LOADGEN_BIN:-target/release/wsgate-loadgen}

@@ -277,12 +277,18 @@ async fn drain_loop(
     let period = ping_every.unwrap_or(Duration::from_secs(365 * 24 * 3600));
     let mut next_ping = Instant::now() + period;
     let mut batch: Vec<Bytes> = Vec::new();
+    // One timer for the connection's life, moved forward once per ping: waiting on a fresh
+    // `sleep_until` each time the queue runs dry would insert and remove a timer-wheel entry
+    // on every wake-up.
+    let ping_timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(ping_timer);
     loop {
         // Checked on every round, not only when idle: a client that only receives must still
         // be pinged, or its idle timer would run out while it is busy reading.
-        if ping_every.is_some() && Instant::now() >= next_ping {
+        if ping_every.is_some() && (Instant::now() >= next_ping || ping_timer.is_elapsed()) {
             let _ = outbound.push(ping.clone());
             next_ping = Instant::now() + period;
+            ping_timer.as_mut().reset(next_ping);
         }
         let closing = {
             let mut st = outbound.state.lock();
@@ -292,7 +298,7 @@ async fn drain_loop(
         if batch.is_empty() && closing.is_none() {
             tokio::select! {
                 _ = outbound.wake.notified() => {}
-                _ = tokio::time::sleep_until(next_ping) => {}
+                _ = &mut ping_timer => {}
             }
             continue;
         }
@@ -343,10 +349,18 @@ async fn write_all(
     let mut first = 0;
     while first < frames.len() {
         let end = frames.len().min(first + MAX_IOVECS);
-        let slices: Vec<IoSlice<'_>> = frames[first..end].iter().map(|b| IoSlice::new(b)).collect();
-        let written = tokio::time::timeout(write_timeout, socket.write_vectored(&slices))
-            .await
-            .map_err(|_| WriterError::Stalled(write_timeout))??;
+        let written = if end - first == 1 {
+            // One frame (the usual case of paced fan-out): no slice list to allocate.
+            tokio::time::timeout(write_timeout, socket.write(&frames[first]))
+                .await
+                .map_err(|_| WriterError::Stalled(write_timeout))??
+        } else {
+            let slices: Vec<IoSlice<'_>> =
+                frames[first..end].iter().map(|b| IoSlice::new(b)).collect();
+            tokio::time::timeout(write_timeout, socket.write_vectored(&slices))
+                .await
+                .map_err(|_| WriterError::Stalled(write_timeout))??
+        };
         if written == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
         }

@@ -513,3 +513,109 @@ async fn expect(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{Compress, Compression, FlushCompress};
+    use tokio::net::TcpListener;
+
+    /// An unmasked server frame.
+    fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![first];
+        if payload.len() < 126 {
+            f.push(payload.len() as u8);
+        } else {
+            f.push(126);
+            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn deflate_raw(data: &[u8]) -> Vec<u8> {
+        let mut c = Compress::new(Compression::new(1), false);
+        let mut out = Vec::with_capacity(data.len() + 64);
+        c.compress_vec(data, &mut out, FlushCompress::Sync)
+            .expect("compresses");
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    #[tokio::test]
+    async fn reads_plain_fragmented_compressed_and_control_frames() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let big = "x".repeat(3000);
+        let big_for_server = big.clone();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut req = vec![0u8; 4096];
+            let n = s.read(&mut req).await.expect("request");
+            let req = String::from_utf8_lossy(&req[..n]).into_owned();
+            assert!(req.contains("permessage-deflate"), "{req}");
+            let mut out = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {WS_ACCEPT}\r\nSec-WebSocket-Extensions: permessage-deflate; \
+                 server_no_context_takeover; client_no_context_takeover\r\n\r\n"
+            )
+            .into_bytes();
+            out.extend(server_frame(0x81, b"hello"));
+            out.extend(server_frame(0x89, b"p1"));
+            out.extend(server_frame(0x01, b"ab"));
+            out.extend(server_frame(0x80, b"cd"));
+            out.extend(server_frame(0xC1, &deflate_raw(big_for_server.as_bytes())));
+            out.extend(server_frame(0x88, &1000u16.to_be_bytes()));
+            // Byte by byte: every frame split across reads.
+            for b in out {
+                s.write_all(&[b]).await.expect("write");
+            }
+            let mut pong = [0u8; 8];
+            s.read_exact(&mut pong).await.expect("pong");
+            pong
+        });
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let mut ws = WsClient::handshake(stream, "h", "/ws", true)
+            .await
+            .expect("upgrade");
+        assert_eq!(ws.deflate, Deflate::NoContext);
+        let shared = RefCell::new(Decompress::new(false));
+        let mut got = Vec::new();
+        loop {
+            match ws.next(&shared).await.expect("reads") {
+                Event::Message(m) => got.push(String::from_utf8(m.to_vec()).expect("utf8")),
+                Event::Closed(code) => {
+                    assert_eq!(code, Some(1000));
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, vec!["hello".to_string(), "abcd".to_string(), big]);
+        let pong = server.await.expect("server");
+        assert_eq!(pong[0], 0x8A, "FIN + pong");
+        assert_eq!(pong[1], 0x80 | 2, "masked, 2 bytes");
+        let unmasked: Vec<u8> = pong[6..8]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ pong[2 + i])
+            .collect();
+        assert_eq!(unmasked, b"p1");
+    }
+
+    #[test]
+    fn masked_frames_and_jwt_shape() {
+        let mut f = Vec::new();
+        encode_frame(&mut f, 0x1, b"abcd");
+        assert_eq!(&f[..2], &[0x81, 0x84]);
+        let unmasked: Vec<u8> = f[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ f[2 + i % 4])
+            .collect();
+        assert_eq!(unmasked, b"abcd");
+        let token = jwt("secret", "u1");
+        assert_eq!(token.split('.').count(), 3);
+        assert!(token.starts_with("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."));
+    }
+}

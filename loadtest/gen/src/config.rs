@@ -200,3 +200,34 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: Config,
+    }
+
+    #[test]
+    fn publications_split_over_streams() {
+        let cfg = Cli::parse_from([
+            "x",
+            "--scenario",
+            "topics",
+            "--connections",
+            "7",
+            "--publications",
+            "100",
+        ])
+        .cfg;
+        assert_eq!(cfg.streams(), 7);
+        let total: u64 = (0..7).map(|s| cfg.per_stream(s)).sum();
+        assert_eq!(total, 100);
+        assert_eq!(cfg.per_stream(0), 15);
+        assert_eq!(cfg.per_stream(6), 14);
+    }
+}

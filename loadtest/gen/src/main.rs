@@ -323,7 +323,7 @@ async fn coordinate(mut cfg: Config) -> Report {
             path,
             serde_json::to_string_pretty(&rep).expect("serializes") + "\n",
         )
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        .unwrap_or_else(|e| eprintln!("error: {}: {e}", path.display()));
     }
     rep
 }

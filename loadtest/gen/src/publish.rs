@@ -127,8 +127,16 @@ fn parse_answer(via: PublishVia, buf: &[u8]) -> Option<(usize, bool, String)> {
         PublishVia::Http => parse_http(buf),
         PublishVia::Redis | PublishVia::Fcall => {
             let used = resp_value(buf)?;
-            let ok = buf[0] != b'-';
-            Some((used, ok, String::from_utf8_lossy(&buf[..used]).into_owned()))
+            // PUBLISH answers how many subscribers got the message: 0 means no node was
+            // subscribed to the channel at that moment (counted as an error: it is lost).
+            let nobody = via == PublishVia::Redis && &buf[..used] == b":0\r\n";
+            let ok = buf[0] != b'-' && !nobody;
+            let text = if nobody {
+                "PUBLISH reached no subscriber (:0)".to_string()
+            } else {
+                String::from_utf8_lossy(&buf[..used]).into_owned()
+            };
+            Some((used, ok, text))
         }
     }
 }
@@ -306,4 +314,47 @@ async fn publisher(
     w?;
     r?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_has_the_requested_size_and_markers() {
+        for size in [60, 100, 1000] {
+            let p = payload(size, 42);
+            assert_eq!(p.len(), size, "{p}");
+            let v: serde_json::Value = serde_json::from_str(&p).expect("JSON");
+            assert_eq!(v["lgn"], 42);
+            assert!(v["lgts"].as_u64().expect("ts") > 1_600_000_000_000_000_000);
+        }
+    }
+
+    #[test]
+    fn http_answers_by_length_and_chunked() {
+        let a = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 503 X\r\n";
+        let (used, ok, _) = parse_http(a).expect("complete");
+        assert_eq!((used, ok), (40, true));
+        assert!(parse_http(&a[used..]).is_none(), "incomplete");
+        let c = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n";
+        let (used, ok, text) = parse_http(c).expect("complete");
+        assert_eq!((used, ok), (c.len(), false));
+        assert!(text.contains("400"));
+    }
+
+    #[test]
+    fn resp_values() {
+        assert_eq!(resp_value(b":1\r\n"), Some(4));
+        assert_eq!(resp_value(b"*3\r\n:7\r\n$3\r\nabc\r\n:0\r\n"), Some(21));
+        assert_eq!(resp_value(b"*3\r\n:7\r\n$3\r\nab"), None);
+        assert_eq!(
+            parse_answer(PublishVia::Redis, b":0\r\n").map(|a| a.1),
+            Some(false)
+        );
+        assert_eq!(
+            parse_answer(PublishVia::Fcall, b"-ERR x\r\n").map(|a| a.1),
+            Some(false)
+        );
+    }
 }

@@ -53,6 +53,9 @@ pub struct Deliveries {
     pub unexpected: u64,
     pub connections_with_missing: u64,
     pub connections_with_duplicates: u64,
+    /// Some (connection, publication number) pairs that never arrived (the first missing
+    /// number of up to 20 connections per worker).
+    pub missing_sample: Vec<(usize, u64)>,
     /// From the first publication to the last delivery.
     pub seconds: f64,
     pub per_second: f64,
@@ -165,6 +168,7 @@ impl Report {
             d.unexpected += r.unexpected;
             d.connections_with_missing += r.conns_with_missing;
             d.connections_with_duplicates += r.conns_with_duplicates;
+            d.missing_sample.extend(r.missing_sample.iter().copied());
             d.other_messages += r.unmarked;
             first = first.min(r.first_start_ns);
             last = last.max(r.last_done_ns);
@@ -271,6 +275,15 @@ impl Report {
                 d.connections_with_duplicates,
                 d.unexpected
             );
+            if !d.missing_sample.is_empty() {
+                let sample: Vec<String> = d
+                    .missing_sample
+                    .iter()
+                    .take(10)
+                    .map(|(c, n)| format!("conn {c} #{n}"))
+                    .collect();
+                let _ = writeln!(t, "  first missing: {}", sample.join(", "));
+            }
             let _ = writeln!(
                 t,
                 "latency (ms)       p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (publish send -> receive, {} samples)",

@@ -54,6 +54,8 @@ impl Track {
 
 struct Shared {
     cfg: Config,
+    index: usize,
+    procs: usize,
     latency: RefCell<Histogram<u64>>,
     connect: RefCell<Histogram<u64>>,
     tracks: RefCell<Vec<Track>>,
@@ -90,6 +92,8 @@ pub struct WorkerResult {
     pub unexpected: u64,
     pub conns_with_missing: u64,
     pub conns_with_duplicates: u64,
+    /// Up to 20 (connection, publication number) pairs that never arrived.
+    pub missing_sample: Vec<(usize, u64)>,
     pub first_start_ns: u64,
     pub last_done_ns: u64,
     /// (value in microseconds, count)
@@ -170,6 +174,8 @@ async fn run(cfg: Config, index: usize, procs: usize) {
         .collect();
     let shared = Rc::new(Shared {
         cfg,
+        index,
+        procs,
         latency: RefCell::new(new_histogram()),
         connect: RefCell::new(new_histogram()),
         tracks: RefCell::new(tracks),
@@ -271,8 +277,16 @@ fn result(shared: &Shared) -> WorkerResult {
         last_done_ns: shared.last_done_ns.get(),
         ..WorkerResult::default()
     };
-    for t in tracks.iter().filter(|t| t.connected) {
+    let procs = shared.procs;
+    for (j, t) in tracks.iter().enumerate().filter(|(_, t)| t.connected) {
         let missing = t.expected - t.unique();
+        if missing > 0 && r.missing_sample.len() < 20 {
+            if let Some(n) =
+                (0..t.expected).find(|n| t.seen[(n / 64) as usize] & (1 << (n % 64)) == 0)
+            {
+                r.missing_sample.push((shared.index + j * procs, n));
+            }
+        }
         r.expected += t.expected;
         r.missing += missing;
         r.duplicated += t.dups;
