@@ -2,8 +2,7 @@
 //! browser (Debian's `chromium`, or `CHROMIUM`), a minimal CDP client on tokio-tungstenite (no
 //! Node, no Playwright), and the helpers a page test needs (navigate, evaluate, screenshot).
 //!
-//! The same launch flags and start-up handshake as `tests/interop_chromium.rs`, which keeps its
-//! own copy.
+//! Used by `tests/interop_chromium.rs` (deflate interop) and `tests/status_page.rs`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
