@@ -25,13 +25,12 @@ wait_port() {
     return 1
 }
 
-# Stops every process started through `start_bg` (by id, newest first).
+# Stops every process started through `start_bg` (by id), newest first, each one gone before
+# the next is signalled (so Redis outlives the servers that use it).
 stop_all() {
     local i
     for ((i = ${#LOADTEST_PIDS[@]} - 1; i >= 0; i--)); do
         kill "${LOADTEST_PIDS[$i]}" 2>/dev/null || true
-    done
-    for ((i = ${#LOADTEST_PIDS[@]} - 1; i >= 0; i--)); do
         wait "${LOADTEST_PIDS[$i]}" 2>/dev/null || true
     done
     LOADTEST_PIDS=()
@@ -83,13 +82,14 @@ build_binaries() {
     LOADGEN_BIN=${LOADGEN_BIN:-target/release/wsgate-loadgen}
 }
 
-# start_wsgate DIR PORT NODE_ID [FLAGS...]: one gateway node; its pid in BG_PID.
+# start_wsgate DIR PORT NODE_ID [FLAGS...]: one gateway node; its pid in BG_PID. No drain window
+# on SIGTERM: the generator is gone by then, and each run starts a fresh node.
 start_wsgate() {
     local dir=$1 port=$2 node=$3
     shift 3
     start_bg "$dir/wsgate-$node.log" env -u WSGATE_REDIS_URL -u WSGATE_CONFIG \
         -u WSGATE_COMPRESSION -u WSGATE_JWT_SECRET -u WSGATE_API_KEYS \
-        "$WSGATE_BIN" --listen "127.0.0.1:$port" --node-id "$node" --log warn "$@"
+        "$WSGATE_BIN" --listen "127.0.0.1:$port" --node-id "$node" --log warn --drain-seconds 0 "$@"
 }
 
 # The machine, for the record.
