@@ -44,20 +44,7 @@ PIN=${PIN:-1}
 PEERS_DIR=${PEERS_DIR:-target/loadtest-peers/socketio}
 OUT=${OUT:-target/loadtest/compare-$(date +%Y%m%d-%H%M%S)}
 
-ulimit -n "$(ulimit -Hn)"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-trap stop_all EXIT
-
-if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
-    SERVER_CPUS=${SERVER_CPUS:-0}
-    GEN_CPUS=${GEN_CPUS:-1}
-    PINNING="servers (both nodes + Redis) pinned to cpu $SERVER_CPUS, generator to cpu $GEN_CPUS (taskset)"
-else
-    SERVER_CPUS=
-    GEN_CPUS=
-    PINNING="no pinning"
-fi
+prepare_run "servers (both nodes + Redis)"
 
 # --- the peers ------------------------------------------------------------------------------
 for t in $TARGETS; do

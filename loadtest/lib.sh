@@ -9,6 +9,25 @@ LOADTEST_PIDS=()
 
 say() { printf '==> %s\n' "$*" >&2; }
 
+# Shared start of a run: raise the fd limit, make OUT absolute, stop every server on exit, and
+# choose the CPU pinning (PIN=1 on 2+ cores: servers on SERVER_CPUS, default 0, the generator on
+# GEN_CPUS, default 1). $1 names what runs on the server side, for the PINNING line.
+prepare_run() {
+    ulimit -n "$(ulimit -Hn)"
+    mkdir -p "$OUT"
+    OUT=$(cd "$OUT" && pwd)
+    trap stop_all EXIT
+    if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
+        SERVER_CPUS=${SERVER_CPUS:-0}
+        GEN_CPUS=${GEN_CPUS:-1}
+        PINNING="$1 pinned to cpu $SERVER_CPUS, generator to cpu $GEN_CPUS (taskset)"
+    else
+        SERVER_CPUS=
+        GEN_CPUS=
+        PINNING="no pinning"
+    fi
+}
+
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }

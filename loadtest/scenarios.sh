@@ -47,19 +47,7 @@ PIN=${PIN:-1}
 OUT=${OUT:-target/loadtest/scenarios-$(date +%Y%m%d-%H%M%S)}
 JWT_SECRET=loadtest-secret-$RANDOM$RANDOM
 
-ulimit -n "$(ulimit -Hn)"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-trap stop_all EXIT
-if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
-    SERVER_CPUS=${SERVER_CPUS:-0}
-    GEN_CPUS=${GEN_CPUS:-1}
-    PINNING="node + Redis pinned to cpu $SERVER_CPUS, generator to cpu $GEN_CPUS (taskset)"
-else
-    SERVER_CPUS=
-    GEN_CPUS=
-    PINNING="no pinning"
-fi
+prepare_run "node + Redis"
 build_binaries
 
 {

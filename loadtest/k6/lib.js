@@ -111,3 +111,29 @@ export function paced(total, streams, rate, send) {
 function sleepMs(ms) {
   sleep(ms / 1000);
 }
+
+/** The options of a subscribers + one publisher run (fanout, topics, users): SUBSCRIBERS VUs
+ * that subscribe and hold for `holdSeconds`, one publisher starting after 3 s, and the
+ * thresholds every such run shares (p99 latency under LAT_P99_MS, else `defaultP99Ms`). */
+export function subscribersAndPublisher(subscribers, holdSeconds, defaultP99Ms) {
+  return {
+    scenarios: {
+      subscribers: {
+        executor: 'per-vu-iterations', vus: subscribers, iterations: 1,
+        exec: 'subscriber', maxDuration: `${holdSeconds + 30}s`,
+      },
+      publisher: {
+        executor: 'per-vu-iterations', vus: 1, iterations: 1,
+        exec: 'publisher', startTime: '3s', maxDuration: `${holdSeconds + 30}s`,
+      },
+    },
+    thresholds: {
+      ws_connect_ok: ['rate==1'],
+      publish_ok: ['rate==1'],
+      ws_missing: ['count==0'],
+      ws_duplicated: ['count==0'],
+      ws_latency_ms: [`p(99)<${__ENV.LAT_P99_MS || defaultP99Ms}`],
+      checks: ['rate==1'],
+    },
+  };
+}

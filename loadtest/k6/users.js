@@ -17,26 +17,7 @@ const RATE = parseFloat(__ENV.RATE || '100');
 const HOLD_SECONDS = Math.ceil(PUBLISHES / RATE) + 6;
 const user = (s) => `${lib.PREFIX}-u${s}`;
 
-export const options = {
-  scenarios: {
-    subscribers: {
-      executor: 'per-vu-iterations', vus: SUBSCRIBERS, iterations: 1,
-      exec: 'subscriber', maxDuration: `${HOLD_SECONDS + 30}s`,
-    },
-    publisher: {
-      executor: 'per-vu-iterations', vus: 1, iterations: 1,
-      exec: 'publisher', startTime: '3s', maxDuration: `${HOLD_SECONDS + 30}s`,
-    },
-  },
-  thresholds: {
-    ws_connect_ok: ['rate==1'],
-    publish_ok: ['rate==1'],
-    ws_missing: ['count==0'],
-    ws_duplicated: ['count==0'],
-    ws_latency_ms: [`p(99)<${__ENV.LAT_P99_MS || 50}`],
-    checks: ['rate==1'],
-  },
-};
+export const options = lib.subscribersAndPublisher(SUBSCRIBERS, HOLD_SECONDS, 50);
 
 export function subscriber() {
   const s = __VU - 1; // VUs are numbered from 1 within the run
