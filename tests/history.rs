@@ -96,11 +96,7 @@ async fn reconnecting_to_another_node_with_since_gets_exactly_the_missed_then_li
     let urls = [redis.url()];
     // Room for the 100 missed and the 40 racing the recovery (the default keeps 100).
     let roomy = |s: &mut Settings| s.default_namespace.history.size = 1000;
-    let a = cluster_node_with(&urls, "a", roomy).await;
-    let b = cluster_node_with(&urls, "b", roomy).await;
-    for n in [&a, &b] {
-        wait_ready(n.local_addr).await;
-    }
+    let [a, b] = two_nodes_with(&urls, roomy).await;
     let (mut c, _) = connect(a.local_addr, "/ws?user_id=u").await;
     subscribe(&mut c, &["feed"]).await;
     wait_numsub(&redis, "wsgate:t:{feed}", 1).await;
@@ -140,11 +136,7 @@ async fn reconnecting_to_another_node_with_since_gets_exactly_the_missed_then_li
 async fn killing_the_pubsub_connections_mid_stream_loses_nothing() {
     let redis = RedisServer::start();
     let urls = [redis.url()];
-    let a = cluster_node(&urls, "a").await;
-    let b = cluster_node(&urls, "b").await;
-    for n in [&a, &b] {
-        wait_ready(n.local_addr).await;
-    }
+    let [a, b] = two_nodes_with(&urls, |_| {}).await;
     let (mut on_a, _) = connect(a.local_addr, "/ws?user_id=x").await;
     let (mut on_b, _) = connect(b.local_addr, "/ws?user_id=y").await;
     subscribe(&mut on_a, &["stream"]).await;
@@ -366,11 +358,7 @@ async fn a_duplicate_idempotency_key_is_delivered_once_in_memory() {
 async fn a_duplicate_idempotency_key_is_delivered_once_across_nodes() {
     let redis = RedisServer::start();
     let urls = [redis.url()];
-    let a = cluster_node(&urls, "a").await;
-    let b = cluster_node(&urls, "b").await;
-    for n in [&a, &b] {
-        wait_ready(n.local_addr).await;
-    }
+    let [a, b] = two_nodes_with(&urls, |_| {}).await;
     let (mut c, _) = connect(b.local_addr, "/ws").await;
     subscribe(&mut c, &["orders"]).await;
     wait_numsub(&redis, "wsgate:t:{orders}", 1).await;

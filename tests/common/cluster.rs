@@ -49,6 +49,19 @@ pub async fn cluster_node(urls: &[String], id: &str) -> RunningNode {
     cluster_node_with(urls, id, |_| {}).await
 }
 
+/// Two nodes `a`, `b` on `urls` with `tweak` applied to both, each ready.
+pub async fn two_nodes_with(
+    urls: &[String],
+    tweak: impl Fn(&mut Settings) + Clone,
+) -> [RunningNode; 2] {
+    let a = cluster_node_with(urls, "a", tweak.clone()).await;
+    let b = cluster_node_with(urls, "b", tweak).await;
+    for n in [&a, &b] {
+        wait_ready(n.local_addr).await;
+    }
+    [a, b]
+}
+
 /// Three nodes `a`, `b`, `c` on `urls`, each ready (its Redis subscriptions are up).
 pub async fn three_nodes(urls: &[String]) -> [RunningNode; 3] {
     let a = cluster_node(urls, "a").await;
