@@ -4,6 +4,7 @@
 
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import WebSocket from 'ws';
 
 import { WsgateClient, WsgateError } from '../dist/index.js';
@@ -281,15 +282,26 @@ describe('one node', () => {
   });
 
   test('close() while the socket is still connecting', async () => {
-    const c = client(gw);
-    const connecting = c.connect();
-    await waitFor(() => c.state === 'connecting', 'connecting');
-    await sleep(0);
-    await c.close();
-    await assert.rejects(connecting, { code: 'CLOSED' });
-    assert.equal(c.state, 'closed');
-    await sleep(100);
-    assert.equal(c.state, 'closed');
+    // A listener that takes the TCP connection and never answers the upgrade keeps the socket
+    // in CONNECTING for as long as the test needs (a real gateway may answer before close()).
+    const held = [];
+    const stalled = net.createServer((socket) => held.push(socket));
+    await new Promise((resolve) => stalled.listen(0, '127.0.0.1', resolve));
+    try {
+      const c = client(gw, { url: `ws://127.0.0.1:${stalled.address().port}/ws` });
+      const connecting = c.connect();
+      await waitFor(() => held.length === 1, 'the TCP connection');
+      assert.equal(c.state, 'connecting');
+      await c.close();
+      await assert.rejects(connecting, { code: 'CLOSED' });
+      assert.equal(c.state, 'closed');
+      await sleep(100);
+      assert.equal(c.state, 'closed');
+      assert.equal(held.length, 1, 'no reconnect');
+    } finally {
+      for (const socket of held) socket.destroy();
+      stalled.close();
+    }
   });
 
   test('a final close code (4003, disconnected by an operator) stops the client', async () => {
