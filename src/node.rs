@@ -83,17 +83,32 @@ pub struct RunningNode {
     accept_loop: JoinHandle<()>,
 }
 
+/// The accept queue asked of the kernel (it caps it at `net.core.somaxconn`). tokio's
+/// `TcpListener::bind` asks for 1024: a connect storm (a fleet reconnecting after a restart)
+/// overflows that, and every dropped SYN costs its client a one-second retransmit.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted node may bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds the listener and starts serving.
 pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
     let auth = Authenticator::from_settings(&settings.auth)?;
     // The recorder must exist before the first counter moves, not at the first scrape.
     crate::metrics::handle();
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| NodeError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
+    let listener = bind(settings.listen).map_err(|source| NodeError::Bind {
+        addr: settings.listen,
+        source,
+    })?;
     let local_addr = listener.local_addr().map_err(|source| NodeError::Bind {
         addr: settings.listen,
         source,

@@ -144,6 +144,40 @@ async fn connect_storm_over_three_nodes_never_passes_max_connections() {
     );
 }
 
+/// A storm far below the cluster budget is admitted whole: the connects queued behind one
+/// block reservation race for its few slots, and the losers reserve another block instead of
+/// being refused with TOO_MANY_CONNECTIONS while the cluster has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_below_the_budget_is_never_refused() {
+    const STORM: usize = 400;
+    let redis = RedisServer::start();
+    let node = cluster_node_with(&[redis.url()], "a", |s| {
+        s.ws.max_connections = 10_000;
+        s.redis.admission_block = 1;
+    })
+    .await;
+    wait_ready(node.local_addr).await;
+    let addr = node.local_addr;
+    let tasks: Vec<_> = (0..STORM)
+        .map(|i| tokio::spawn(async move { attempt(addr, &format!("s{i}")).await }))
+        .collect();
+    let mut held = Vec::new();
+    for task in tasks {
+        match task.await.expect("attempt task") {
+            Attempt::Admitted(c) => held.push(c),
+            Attempt::Refused => {}
+        }
+    }
+    assert_eq!(
+        held.len(),
+        STORM,
+        "{} of {STORM} connects refused with a budget of 10,000",
+        STORM - held.len()
+    );
+    assert_eq!(node_connections(addr).await, STORM as u64);
+    assert!(reserved_total(&redis) >= STORM);
+}
+
 /// Giving back surplus slots must not let connections admitted during the renewal's round trip
 /// go unreserved: the node's reservation in Redis never drops below its live connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

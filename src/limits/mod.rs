@@ -92,6 +92,28 @@ impl ConnectionSlots {
             })
     }
 
+    /// Admits one connection, asking `grow` for room whenever the node is at its limit.
+    ///
+    /// `grow` answering `true` means the node had room when it looked, not that this caller
+    /// got it: in a connect storm, every connect queued behind one block reservation sees the
+    /// new block and they race for its few slots. The losers ask again (another block) rather
+    /// than being refused while the cluster is far from its budget; only `false` (the budget is
+    /// spent, or Redis is away) refuses.
+    pub async fn acquire_or_grow<F, Fut>(self: &Arc<Self>, mut grow: F) -> Option<Slot>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        loop {
+            if let Some(slot) = self.try_acquire() {
+                return Some(slot);
+            }
+            if !grow().await {
+                return None;
+            }
+        }
+    }
+
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Acquire)
     }
@@ -144,6 +166,35 @@ mod tests {
         assert!(slots.try_acquire().is_none());
         drop(a);
         assert!(slots.try_acquire().is_some());
+    }
+
+    /// The storm race, made deterministic: each time this caller's `grow` makes room, a
+    /// competitor takes the new slot first. The caller keeps asking until it gets one, and is
+    /// refused only when `grow` says the budget is spent.
+    #[tokio::test]
+    async fn acquire_or_grow_asks_again_when_a_competitor_took_the_new_room() {
+        let slots = ConnectionSlots::with_limit(100, 0);
+        let mut competitors = Vec::new();
+        let mut grows = 0;
+        let slot = slots
+            .acquire_or_grow(|| {
+                grows += 1;
+                slots.set_limit(slots.limit() + 1);
+                if grows <= 3 {
+                    competitors.push(slots.try_acquire().expect("the competitor wins the slot"));
+                }
+                std::future::ready(true)
+            })
+            .await;
+        assert!(slot.is_some(), "admitted after the competitors");
+        assert_eq!(grows, 4);
+        assert_eq!(slots.live(), 4);
+
+        let spent = ConnectionSlots::with_limit(100, 0);
+        assert!(spent
+            .acquire_or_grow(|| std::future::ready(false))
+            .await
+            .is_none());
     }
 
     #[test]

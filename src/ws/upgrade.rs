@@ -162,13 +162,12 @@ pub fn handle(
 /// A connection slot: from this node's current limit, or after the broker raised it (cluster
 /// admission reserves room block by block, so most connects never wait on Redis).
 async fn admit(ctx: &NodeContext) -> Result<Slot, Refused> {
-    if let Some(slot) = ctx.slots.try_acquire() {
+    if let Some(slot) = ctx
+        .slots
+        .acquire_or_grow(|| ctx.broker.grow_admission())
+        .await
+    {
         return Ok(slot);
-    }
-    if ctx.broker.grow_admission().await {
-        if let Some(slot) = ctx.slots.try_acquire() {
-            return Ok(slot);
-        }
     }
     Err(Refused {
         error: ErrorCode::TooManyConnections,
