@@ -612,3 +612,52 @@ async fn seq_is_cluster_wide() {
             .collect::<Vec<_>>()
     );
 }
+
+/// What a backend publishes the moment a client reads its `subscribe` ack (or its `connection`
+/// message) reaches the client: the node's SUBSCRIBE for a topic (or user) new to it is
+/// confirmed by Redis before the client hears that it is subscribed (connected). Every
+/// PUBLISH here goes out right after the ack, on a topic no client of the node held before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_right_after_the_ack_reaches_the_client() {
+    let redis = RedisServer::start();
+    let node = cluster_node(&[redis.url()], "a").await;
+    wait_ready(node.local_addr).await;
+    let backend = ::redis::Client::open(redis.url()).expect("redis url");
+    let mut backend = backend
+        .get_multiplexed_async_connection()
+        .await
+        .expect("backend connection");
+    let (mut client, _) = connect(node.local_addr, "/ws?user_id=u1").await;
+    for i in 0..60 {
+        let topic = format!("fresh-{i}");
+        subscribe(&mut client, &[topic.as_str()]).await;
+        let receivers: u64 = ::redis::cmd("PUBLISH")
+            .arg(format!("wsgate:t:{{{topic}}}"))
+            .arg(format!(r#"{{"type":"tick","data":{{"n":{i}}}}}"#))
+            .query_async(&mut backend)
+            .await
+            .expect("PUBLISH");
+        assert_eq!(
+            receivers, 1,
+            "{topic}: the node was not subscribed yet when the ack came"
+        );
+        expect_publication(&mut client, &topic, &json!({ "n": i })).await;
+    }
+    // The same for a user's channel and the `connection` message.
+    for i in 0..30 {
+        let user = format!("fresh-user-{i}");
+        let (mut client, _) = connect(node.local_addr, &format!("/ws?user_id={user}")).await;
+        let receivers: u64 = ::redis::cmd("PUBLISH")
+            .arg(format!("wsgate:u:{{{user}}}"))
+            .arg(r#"{"type":"notification","data":{"hello":true}}"#)
+            .query_async(&mut backend)
+            .await
+            .expect("PUBLISH");
+        assert_eq!(
+            receivers, 1,
+            "{user}: connected before the node received the user's messages"
+        );
+        let m = client.expect_type("notification").await;
+        assert_eq!(m["data"]["hello"], true, "{m}");
+    }
+}

@@ -111,6 +111,58 @@ async fn remove_then_add_within_linger_never_unsubscribes() {
     sub.shutdown();
 }
 
+/// One connection leaves a topic (the hub's "last one gone") while another joins it ("first
+/// one"): the two notes come from different tasks and may arrive the other way round. Counted,
+/// add + add + remove leaves the channel wanted; applied as edges it would be unsubscribed
+/// after the linger while a client holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notes_arriving_out_of_order_keep_a_held_channel() {
+    let server = RedisServer::start();
+    let (sub, received) = start(server.url());
+    let ch = "wsgate:t:{busy}";
+    sub.add(ch.to_string());
+    eventually("subscribed", || server.channels() == [ch]).await;
+
+    // The joining connection's note overtakes the leaving one's.
+    sub.add(ch.to_string());
+    sub.remove(ch.to_string());
+    tokio::time::sleep(LINGER * 3).await;
+    assert_eq!(server.channels(), [ch], "a held channel was unsubscribed");
+    assert_eq!(server.command_calls("unsubscribe"), 0);
+    publish_arrives(&server, &received, ch, "still held").await;
+
+    // A remove that overtakes its add: the channel is not wanted, and stays unsubscribed.
+    let other = "wsgate:t:{quiet}";
+    sub.remove(other.to_string());
+    sub.add(other.to_string());
+    // The real last one leaving.
+    sub.remove(ch.to_string());
+    eventually("unsubscribed after linger", || server.channels().is_empty()).await;
+    tokio::time::sleep(LINGER * 2).await;
+    assert!(server.channels().is_empty(), "{:?}", server.channels());
+    sub.shutdown();
+}
+
+/// `wait_subscribed` returns once the server confirmed the channel, and `false` at its
+/// timeout for a channel nobody added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_subscribed_returns_at_the_confirmation() {
+    let server = RedisServer::start();
+    let (sub, _received) = start(server.url());
+    eventually("ready", || sub.is_ready()).await;
+    let ch = "wsgate:t:{waited}";
+    sub.add(ch.to_string());
+    assert!(sub.wait_subscribed(ch, WAIT).await);
+    assert_eq!(server.cli(&["PUBLISH", ch, "x"]), "1");
+    let started = Instant::now();
+    assert!(
+        !sub.wait_subscribed("wsgate:t:{never}", Duration::from_millis(100))
+            .await
+    );
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    sub.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_subscribes_is_batched() {
     let server = RedisServer::start();

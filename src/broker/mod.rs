@@ -55,6 +55,11 @@ pub struct PublishReceipt {
     pub duplicate: bool,
 }
 
+/// How long a subscribe (or a connect) waits for the broker to confirm that this node receives
+/// the topic (or the user's messages) before the client is told it is subscribed. Redis
+/// answers in well under a millisecond; the bound is for a Redis that stopped answering.
+pub const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long an idempotency key is remembered per topic.
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -199,6 +204,12 @@ pub trait Broker: Send + Sync + 'static {
     /// cluster is active), so that a history read made afterwards leaves no gap; `false` when
     /// that did not happen within `timeout`.
     async fn await_subscribed(&self, _topic: &str, _timeout: std::time::Duration) -> bool {
+        true
+    }
+
+    /// Waits until this node receives the messages sent to `user` (its user channel in the
+    /// cluster is active); `false` when that did not happen within `timeout`.
+    async fn await_user_subscribed(&self, _user: &str, _timeout: std::time::Duration) -> bool {
         true
     }
 

@@ -121,6 +121,7 @@ impl Session {
         let topics = self.subscribe(req.topics, req.filters.as_ref(), req.interval, &recovery)?;
         let data = json!({"action": "subscribe", "topics": topics});
         if recovery.is_empty() {
+            self.until_received(&topics, false).await;
             return Ok(Some(self.reply("ack", msg.request_id(), data)));
         }
         self.recover_topics(msg.request_id(), data, &recovery).await;
@@ -240,6 +241,31 @@ impl Session {
             msg.request_id(),
             json!({"action": "unsubscribe", "topics": req.topics}),
         ))
+    }
+
+    /// Waits until this node receives what is published on `topics` (and, with `user`, what is
+    /// sent to the connection's user) through the broker, so that a message published after
+    /// the client reads its `ack` (or `connection` message) reaches it: with Redis, the
+    /// node's SUBSCRIBE for a topic new to the node must be confirmed first. Bounded by
+    /// [`SUBSCRIBE_WAIT`](crate::broker::SUBSCRIBE_WAIT); with the broker unreachable it does
+    /// not wait at all (the subscriptions are made when it is back, and topics with history
+    /// are backfilled then).
+    pub(super) async fn until_received(&self, topics: &[String], user: bool) {
+        let broker = &self.ctx.broker;
+        if !broker.is_ready() {
+            return;
+        }
+        let wait = crate::broker::SUBSCRIBE_WAIT;
+        for topic in topics {
+            if !broker.await_subscribed(topic, wait).await {
+                tracing::debug!(topic, "subscribed before the broker confirmed the topic");
+            }
+        }
+        if let (true, Some(user)) = (user, &self.conn.user_id) {
+            if !broker.await_user_subscribed(user, wait).await {
+                tracing::debug!(user = %user, "connected before the broker confirmed the user channel");
+            }
+        }
     }
 
     /// Subscribes to all of `topics` or none: every name and the total count are checked first.

@@ -17,9 +17,6 @@ use crate::history::StreamPosition;
 use crate::hub::Publication;
 use crate::protocol::codes::ErrorCode;
 
-/// How long a recovering subscribe waits for this node's subscription to the topic.
-const SUBSCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// The topics to recover and each one's starting position: `since` is `{seq, epoch}` (for
 /// every listed topic) or `{TOPIC: {seq, epoch}, ...}`; `recover: true` alone asks for the
 /// positions only. Empty when neither was given.
@@ -93,7 +90,7 @@ impl Session {
         if !self
             .ctx
             .broker
-            .await_subscribed(topic, SUBSCRIBE_TIMEOUT)
+            .await_subscribed(topic, crate::broker::SUBSCRIBE_WAIT)
             .await
         {
             return (false, None, Vec::new());

@@ -191,6 +191,9 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
         } else {
             session.subscribe(start.initial_topics, None, None, &[])
         };
+        session
+            .until_received(initial.as_deref().unwrap_or_default(), true)
+            .await;
         let _ = outbound.push(session.connection_message());
         if let Err(refusal) = initial {
             let _ = outbound.push(session.error_frame(refusal, None));

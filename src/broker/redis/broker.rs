@@ -374,16 +374,19 @@ impl Broker for RedisBroker {
     }
 
     async fn await_subscribed(&self, topic: &str, timeout: std::time::Duration) -> bool {
-        let subscriber = &self.shard_for(topic).subscriber;
         let channel = keys::topic_channel(topic);
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !subscriber.is_subscribed(&channel) {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        true
+        self.shard_for(topic)
+            .subscriber
+            .wait_subscribed(&channel, timeout)
+            .await
+    }
+
+    async fn await_user_subscribed(&self, user: &str, timeout: std::time::Duration) -> bool {
+        let channel = keys::user_channel(user);
+        self.shard_for(user)
+            .subscriber
+            .wait_subscribed(&channel, timeout)
+            .await
     }
 
     async fn send(&self, msg: Direct) -> Result<usize, BrokerError> {

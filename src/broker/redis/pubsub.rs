@@ -19,6 +19,16 @@
 //!   `ConnectionManager` with `set_automatic_resubscription` was not used: it reconnects lazily
 //!   (only when a command fails), does not tell us when it is back or resubscribed (so the node
 //!   could not report "not ready"), and resubscribes channel by channel.
+//! - **Counted notes.** The hub decides "first local subscriber" / "last one gone" under its
+//!   own lock, but the notes reach this actor from different tasks, so a topic's `remove`
+//!   (one connection leaving) can arrive after the `add` of the connection that joined right
+//!   after it. Applied as edges, that pair would unsubscribe a topic somebody holds. So each
+//!   note is +1 / -1 on a per-channel count and a channel is wanted while its count is
+//!   positive: the sum does not depend on the order the notes arrive in.
+//! - **Waiting for a subscription.** [`Subscriber::wait_subscribed`] returns once the server
+//!   confirmed the channel (woken by a notification, not polling). A channel leaves the
+//!   confirmed set *before* its UNSUBSCRIBE is sent, so a waiter never trusts a subscription
+//!   that is going away.
 //! - **Batching.** The actor applies every queued `add`/`remove` (a `try_recv` loop) before it
 //!   talks to Redis, then sends at most one SUBSCRIBE with all new channels and one UNSUBSCRIBE
 //!   with all channels whose linger expired: a burst of 1000 subscribes is one round trip. Very
@@ -189,6 +199,8 @@ struct Shared {
     reconnects: AtomicU64,
     /// Mirror of the server-side subscriptions of the current connection.
     subscribed: Mutex<HashSet<String>>,
+    /// Notified (all waiters) whenever channels join `subscribed`.
+    confirmed: tokio::sync::Notify,
 }
 
 struct Inner {
@@ -228,6 +240,7 @@ impl Subscriber {
             commands: commands_rx,
             live: None,
             interest: HashSet::new(),
+            notes: HashMap::new(),
             server: HashSet::new(),
             pending: HashSet::new(),
             lingering: HashMap::new(),
@@ -251,7 +264,9 @@ impl Subscriber {
         }
     }
 
-    /// Interest in `channel` begins (the caller reference-counts; this is called once per 0->1). Non-blocking.
+    /// Interest in `channel` begins (the caller reference-counts; this is called once per 0->1).
+    /// Non-blocking. Notes are counted, so an `add` and a `remove` sent by different tasks may
+    /// arrive in either order.
     pub fn add(&self, channel: String) {
         // Fails only when the actor has stopped, and then there is nothing to subscribe.
         let _ = self.inner.commands.send(Command::Add(channel));
@@ -288,6 +303,25 @@ impl Subscriber {
     /// Whether `channel` is subscribed on the server right now (its messages reach this node).
     pub fn is_subscribed(&self, channel: &str) -> bool {
         self.inner.shared.subscribed.lock().contains(channel)
+    }
+
+    /// Waits until `channel` is subscribed on the server (after an [`add`](Self::add): every
+    /// message published from then on reaches this node); `false` if that did not happen
+    /// within `timeout` (Redis unreachable).
+    pub async fn wait_subscribed(&self, channel: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a confirmation between the two is not missed.
+            let confirmed = self.inner.shared.confirmed.notified();
+            tokio::pin!(confirmed);
+            confirmed.as_mut().enable();
+            if self.is_subscribed(channel) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, confirmed).await.is_err() {
+                return self.is_subscribed(channel);
+            }
+        }
     }
 
     /// Count of reconnects so far (for logs/metrics/tests): successful connections after a lost
@@ -510,8 +544,11 @@ struct Actor {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
     live: Option<Live>,
-    /// Channels somebody on this node wants.
+    /// Channels somebody on this node wants (their count in `notes` is positive).
     interest: HashSet<String>,
+    /// Per channel, `add` notes minus `remove` notes so far (entries at 0 are dropped). Notes
+    /// from different tasks can arrive out of order; the count cannot be fooled by that.
+    notes: HashMap<String, i64>,
     /// Channels the server confirmed on the current connection.
     server: HashSet<String>,
     /// Wanted, not yet on the server: the next SUBSCRIBE batch.
@@ -669,6 +706,24 @@ impl Actor {
     }
 
     fn apply(&mut self, cmd: Command) {
+        let (channel, step) = match &cmd {
+            Command::Add(channel) => (channel, 1),
+            Command::Remove(channel) => (channel, -1),
+        };
+        let count = self.notes.entry(channel.clone()).or_insert(0);
+        *count += step;
+        let count = *count;
+        if count == 0 {
+            self.notes.remove(channel);
+        }
+        // Only the moves between "not wanted" (<= 0) and "wanted" (> 0) change anything.
+        let crossed = match cmd {
+            Command::Add(_) => count == 1,
+            Command::Remove(_) => count == 0,
+        };
+        if !crossed {
+            return;
+        }
         match cmd {
             Command::Add(channel) => {
                 self.lingering.remove(&channel);
@@ -783,6 +838,7 @@ impl Actor {
         let all: Vec<String> = self.interest.iter().cloned().collect();
         conn.subscribe(&all).await?;
         self.shared.subscribed.lock().extend(all.iter().cloned());
+        self.shared.confirmed.notify_waiters();
         self.server.extend(all);
 
         let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
@@ -930,6 +986,7 @@ impl Actor {
         live.conn.subscribe(&all).await?;
         self.pending.clear();
         *self.shared.subscribed.lock() = wanted.clone();
+        self.shared.confirmed.notify_waiters();
         self.server = wanted;
         self.degraded = false;
         self.resync_at = None;
@@ -1027,6 +1084,7 @@ impl Actor {
             self.server.extend(new.iter().cloned());
             live.conn.subscribe(&new).await?;
             self.shared.subscribed.lock().extend(new);
+            self.shared.confirmed.notify_waiters();
         }
         let now = Instant::now();
         let mut due = Vec::new();
@@ -1043,10 +1101,15 @@ impl Actor {
             }
         }
         if !due.is_empty() {
+            // Out of the mirror first: from now on its messages may stop at any moment.
+            {
+                let mut mirror = self.shared.subscribed.lock();
+                for channel in &due {
+                    mirror.remove(channel);
+                }
+            }
             live.conn.unsubscribe(&due).await?;
-            let mut mirror = self.shared.subscribed.lock();
             for channel in &due {
-                mirror.remove(channel);
                 self.server.remove(channel);
             }
         }
