@@ -105,6 +105,10 @@ pub const SEND_QUEUE_LARGEST_BYTES: &str = "wsgate_send_queue_largest_bytes";
 pub const BROKER_READY: &str = "wsgate_broker_ready";
 /// Counter: reconnects of the Redis subscription connections since the node started.
 pub const REDIS_RECONNECTS: &str = "wsgate_redis_reconnects_total";
+/// Counter: messages this node received on its Redis subscriptions (topics, users, broadcast,
+/// control), before any filtering: compare with the publications sent to see what Redis
+/// delivered.
+pub const REDIS_MESSAGES: &str = "wsgate_redis_messages_received_total";
 /// Gauge: Redis channels this node is subscribed to.
 pub const REDIS_CHANNELS: &str = "wsgate_redis_subscribed_channels";
 /// Counter: Redis failures; label `kind`: `command` (a command or pipeline answered an error or
@@ -241,6 +245,10 @@ fn describe() {
     );
     describe_gauge!(BROKER_READY, "1 while the broker can carry messages");
     describe_counter!(REDIS_RECONNECTS, "Reconnects of the Redis subscriptions");
+    describe_counter!(
+        REDIS_MESSAGES,
+        "Messages received on the Redis subscriptions"
+    );
     describe_gauge!(REDIS_CHANNELS, "Redis channels the node is subscribed to");
     describe_counter!(REDIS_ERRORS, "Redis failures, by kind");
     describe_histogram!(
@@ -290,7 +298,8 @@ pub fn render(ctx: &NodeContext) -> String {
     metrics::gauge!(START_TIME, "node" => node.clone()).set(started);
     metrics::gauge!(BUILD_INFO, "node" => node.clone(), "version" => env!("CARGO_PKG_VERSION"))
         .set(1.0);
-    metrics::counter!(REDIS_RECONNECTS, "node" => node).absolute(diag.reconnects);
+    metrics::counter!(REDIS_RECONNECTS, "node" => node.clone()).absolute(diag.reconnects);
+    metrics::counter!(REDIS_MESSAGES, "node" => node).absolute(diag.messages_received);
     TRAFFIC.export();
     handle.render()
 }

@@ -579,3 +579,48 @@ async fn redis_outage_shows_in_readiness_and_metrics() {
     assert_eq!(readyz(addr).await, 200);
     node.shutdown().await;
 }
+
+/// `wsgate_redis_messages_received_total` counts what Redis delivered to the node's
+/// subscriptions, one by one (here on the broadcast channel with nobody connected, so no
+/// process-wide counter moves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_messages_received_counts_each_message_redis_delivered() {
+    let redis = RedisServer::start();
+    let node = cluster_node(&[redis.url()], "metrics-m").await;
+    let addr = node.local_addr;
+    let label = "node=\"metrics-m\"";
+    eventually_some("broker ready", || async {
+        let text = scrape(addr).await;
+        match sample(&text, "wsgate_broker_ready", label) {
+            Some(1.0) => Ok(()),
+            _ => Err(text),
+        }
+    })
+    .await;
+    let before = sample(
+        &scrape(addr).await,
+        "wsgate_redis_messages_received_total",
+        label,
+    );
+    assert_eq!(before, Some(0.0));
+    for n in 0..5 {
+        let receivers = redis.cli(&[
+            "PUBLISH",
+            "wsgate:broadcast",
+            &format!(r#"{{"type":"announcement","data":{{"n":{n}}}}}"#),
+        ]);
+        assert_eq!(
+            receivers, "1",
+            "the node is subscribed to the broadcast channel"
+        );
+    }
+    eventually_some("five messages counted", || async {
+        let text = scrape(addr).await;
+        match sample(&text, "wsgate_redis_messages_received_total", label) {
+            Some(5.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    node.shutdown().await;
+}

@@ -163,6 +163,61 @@ async fn wait_subscribed_returns_at_the_confirmation() {
     sub.shutdown();
 }
 
+/// A backlog far larger than one batch of pushes (the actor handles at most a bound per
+/// wake-up, so that commands are not starved) is delivered whole and in order: nothing taken
+/// from the push queue at a batch's end may be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_many_batches_loses_nothing() {
+    const MESSAGES: usize = 3000;
+    let server = RedisServer::start();
+    let received: Received = Arc::default();
+    let sink = received.clone();
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler: MessageHandler = Arc::new(move |channel: &str, payload: &[u8]| {
+        // The first message stalls the actor while the rest pile up behind it.
+        if !stalled.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        sink.lock()
+            .unwrap()
+            .push((channel.to_string(), payload.to_vec()));
+    });
+    let config = SubscriberConfig {
+        url: server.url(),
+        linger: LINGER,
+        ..SubscriberConfig::default()
+    };
+    let sub = Subscriber::start(config, handler);
+    let ch = "wsgate:t:{backlog}";
+    sub.add(ch.to_string());
+    assert!(sub.wait_subscribed(ch, WAIT).await);
+
+    let client = ::redis::Client::open(server.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("publisher connection");
+    let mut pipe = ::redis::pipe();
+    for n in 0..MESSAGES {
+        pipe.cmd("PUBLISH").arg(ch).arg(n.to_string());
+    }
+    let receivers: Vec<u64> = pipe.query_async(&mut conn).await.expect("PUBLISH pipeline");
+    assert!(receivers.iter().all(|&r| r == 1));
+    eventually(&format!("{MESSAGES} messages"), || {
+        received.lock().unwrap().len() >= MESSAGES
+    })
+    .await;
+    let got: Vec<usize> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| std::str::from_utf8(p).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(got, (0..MESSAGES).collect::<Vec<_>>());
+    assert_eq!(sub.messages_received(), MESSAGES as u64);
+    sub.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_subscribes_is_batched() {
     let server = RedisServer::start();

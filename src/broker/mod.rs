@@ -112,6 +112,8 @@ pub struct BrokerDiagnostics {
     pub ready: bool,
     /// Reconnects of the subscription connections since start.
     pub reconnects: u64,
+    /// Messages received on the subscription connections since start.
+    pub messages_received: u64,
     pub subscribed_channels: usize,
 }
 

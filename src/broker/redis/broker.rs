@@ -558,6 +558,11 @@ impl Broker for RedisBroker {
         BrokerDiagnostics {
             ready: self.is_ready(),
             reconnects: self.shards.iter().map(|s| s.subscriber.reconnects()).sum(),
+            messages_received: self
+                .shards
+                .iter()
+                .map(|s| s.subscriber.messages_received())
+                .sum(),
             subscribed_channels: self
                 .shards
                 .iter()

@@ -26,9 +26,10 @@
 //!   note is +1 / -1 on a per-channel count and a channel is wanted while its count is
 //!   positive: the sum does not depend on the order the notes arrive in.
 //! - **Waiting for a subscription.** [`Subscriber::wait_subscribed`] returns once the server
-//!   confirmed the channel (woken by a notification, not polling). A channel leaves the
-//!   confirmed set *before* its UNSUBSCRIBE is sent, so a waiter never trusts a subscription
-//!   that is going away.
+//!   confirmed the channel and it is wanted (woken by a notification, not polling). A channel
+//!   leaves that set as soon as its count drops to 0 (while it lingers), so a waiter never
+//!   trusts a subscription that is about to be unsubscribed; an `add` sent before the wait
+//!   cancels the linger long before it could expire.
 //! - **Batching.** The actor applies every queued `add`/`remove` (a `try_recv` loop) before it
 //!   talks to Redis, then sends at most one SUBSCRIBE with all new channels and one UNSUBSCRIBE
 //!   with all channels whose linger expired: a burst of 1000 subscribes is one round trip. Very
@@ -197,7 +198,12 @@ enum Command {
 struct Shared {
     ready: AtomicBool,
     reconnects: AtomicU64,
-    /// Mirror of the server-side subscriptions of the current connection.
+    /// Messages handed to the handler (only the actor writes it).
+    messages: AtomicU64,
+    /// The channels that are wanted and confirmed by the server on the current connection: a
+    /// waiter that finds its channel here receives every message published from then on. A
+    /// lingering channel is left out (still on the server, but about to go), so is one whose
+    /// UNSUBSCRIBE is under way.
     subscribed: Mutex<HashSet<String>>,
     /// Notified (all waiters) whenever channels join `subscribed`.
     confirmed: tokio::sync::Notify,
@@ -328,6 +334,11 @@ impl Subscriber {
     /// one. The first connection (even after Redis was down at start) is not a reconnect.
     pub fn reconnects(&self) -> u64 {
         self.inner.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Messages received on subscribed channels so far (every connection together).
+    pub fn messages_received(&self) -> u64 {
+        self.inner.shared.messages.load(Ordering::Relaxed)
     }
 
     /// Stops the actor (closing its connection). Idempotent.
@@ -727,7 +738,12 @@ impl Actor {
         match cmd {
             Command::Add(channel) => {
                 self.lingering.remove(&channel);
-                if self.live.is_some() && !self.server.contains(&channel) {
+                if self.server.contains(&channel) {
+                    // Lingering until now: wanted again, and still on the server.
+                    if self.shared.subscribed.lock().insert(channel.clone()) {
+                        self.shared.confirmed.notify_waiters();
+                    }
+                } else if self.live.is_some() {
                     self.pending.insert(channel.clone());
                 }
                 self.interest.insert(channel);
@@ -741,6 +757,8 @@ impl Actor {
                     return;
                 }
                 if self.server.contains(&channel) {
+                    // Still on the server, but no longer promised to anyone who waits.
+                    self.shared.subscribed.lock().remove(&channel);
                     let at = Instant::now() + self.config.linger;
                     self.lingering.insert(channel.clone(), at);
                     self.linger_queue.push_back((at, channel));
@@ -749,10 +767,12 @@ impl Actor {
         }
     }
 
-    /// Handles `first` and whatever else is already queued (up to a bound).
+    /// Handles `first` and whatever else is already queued (up to a bound). A push is taken
+    /// from the channel only when it will be handled in this call: one taken past the bound
+    /// would be dropped (under load, one lost message per full batch).
     fn handle_pushes(&mut self, first: Option<PushInfo>) {
         let mut next = first;
-        for _ in 0..PUSH_BATCH {
+        for handled in 1..=PUSH_BATCH {
             let Some(push) = next else {
                 self.lost("push channel closed");
                 return;
@@ -771,6 +791,9 @@ impl Actor {
                 // Subscribe/unsubscribe confirmations are awaited by the commands themselves.
                 _ => {}
             }
+            if handled == PUSH_BATCH {
+                return;
+            }
             next = match self.live.as_mut().map(|l| l.pushes.try_recv()) {
                 Some(Ok(push)) => Some(push),
                 Some(Err(mpsc::error::TryRecvError::Empty)) | None => return,
@@ -783,6 +806,7 @@ impl Actor {
         let mut it = data.into_iter();
         match (it.next(), it.next()) {
             (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) => {
+                self.shared.messages.fetch_add(1, Ordering::Relaxed);
                 match std::str::from_utf8(&channel) {
                     Ok(channel) => (self.handler)(channel, &payload),
                     Err(_) => tracing::debug!("redis message on a non-UTF-8 channel ignored"),
@@ -1101,13 +1125,6 @@ impl Actor {
             }
         }
         if !due.is_empty() {
-            // Out of the mirror first: from now on its messages may stop at any moment.
-            {
-                let mut mirror = self.shared.subscribed.lock();
-                for channel in &due {
-                    mirror.remove(channel);
-                }
-            }
             live.conn.unsubscribe(&due).await?;
             for channel in &due {
                 self.server.remove(channel);
