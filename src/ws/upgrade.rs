@@ -141,12 +141,22 @@ pub fn handle(
                 return;
             }
         };
+        // `read_buf` is hyper's whole read buffer (8 KiB) frozen, even when nothing or a few
+        // bytes came after the request. Kept in the session it would cost every connection
+        // those 8 KiB for its whole life: copy what is there and let the buffer go now (a
+        // field left in `parts` would live until this task ends).
+        let read_ahead = if parts.read_buf.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&parts.read_buf)
+        };
+        drop(parts.read_buf);
         session::run(
             ctx,
             SessionStart {
                 kind,
                 stream: parts.io.into_inner(),
-                read_ahead: parts.read_buf,
+                read_ahead,
                 identity,
                 initial_topics,
                 deflate,
