@@ -869,3 +869,33 @@ ws_test! {
         node.shutdown().await;
     }
 }
+
+/// Frames the client writes together with the upgrade request (so that the server reads them
+/// with the request, before the upgrade completes) are handled as if they came later: the
+/// session starts with those bytes, copied out of hyper's read buffer.
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_handled() {
+    let node = start_node(|_| {}).await;
+    let mut early = raw_frame(
+        true,
+        0x1,
+        br#"{"type":"subscribe","id":"early-1","data":{"topics":["early"]}}"#,
+        Some([1, 2, 3, 4]),
+    );
+    early.extend(raw_frame(
+        true,
+        0x1,
+        br#"{"type":"ping","id":"early-2"}"#,
+        Some([5, 6, 7, 8]),
+    ));
+    let mut ws = RawWs::connect_with_early_frames(node.local_addr, "/ws?user_id=e", &early).await;
+    ws.expect_type("connection").await;
+    let ack = ws.expect_type("ack").await;
+    assert_eq!(ack["data"]["requestId"], "early-1", "{ack}");
+    assert_eq!(ack["data"]["topics"], json!(["early"]), "{ack}");
+    let pong = ws.expect_type("pong").await;
+    assert_eq!(pong["data"]["requestId"], "early-2", "{pong}");
+    publish(node.local_addr, "early", "tick", json!({"n": 1})).await;
+    let m = ws.expect_type("tick").await;
+    assert_eq!(m["data"]["n"], 1, "{m}");
+}

@@ -279,7 +279,7 @@ impl RawWs {
     /// TCP connect and upgrade on `path_and_query`; panics unless the server answers 101.
     pub async fn connect(addr: SocketAddr, path_and_query: &str) -> RawWs {
         let stream = TcpStream::connect(addr).await.expect("connect");
-        Self::handshake(stream, addr, path_and_query, &[]).await
+        Self::handshake(stream, addr, path_and_query, &[], &[]).await
     }
 
     /// Like [`RawWs::connect`], with extra request headers (e.g. `Sec-WebSocket-Extensions`).
@@ -289,7 +289,7 @@ impl RawWs {
         headers: &[(&str, &str)],
     ) -> RawWs {
         let stream = TcpStream::connect(addr).await.expect("connect");
-        Self::handshake(stream, addr, path_and_query, headers).await
+        Self::handshake(stream, addr, path_and_query, headers, &[]).await
     }
 
     /// Connects offering permessage-deflate the way browsers do
@@ -318,7 +318,18 @@ impl RawWs {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
         let stream = socket.connect(addr).await.expect("connect");
-        Self::handshake(stream, addr, path_and_query, &[]).await
+        Self::handshake(stream, addr, path_and_query, &[], &[]).await
+    }
+
+    /// Like [`RawWs::connect`], with `early` (client frames) written in the same `write` as the
+    /// upgrade request, so that the server reads them together with the request.
+    pub async fn connect_with_early_frames(
+        addr: SocketAddr,
+        path_and_query: &str,
+        early: &[u8],
+    ) -> RawWs {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::handshake(stream, addr, path_and_query, &[], early).await
     }
 
     async fn handshake(
@@ -326,6 +337,7 @@ impl RawWs {
         addr: SocketAddr,
         path_and_query: &str,
         headers: &[(&str, &str)],
+        early: &[u8],
     ) -> RawWs {
         let mut req = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
@@ -335,8 +347,10 @@ impl RawWs {
             req.push_str(&format!("{name}: {value}\r\n"));
         }
         req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(early);
         stream
-            .write_all(req.as_bytes())
+            .write_all(&bytes)
             .await
             .expect("write upgrade request");
         let mut buf = Vec::new();
