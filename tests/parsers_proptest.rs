@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use fastwebsockets::{OpCode, Role, WebSocketError};
+use fastwebsockets::{OpCode, WebSocketError};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::value::RawValue;
@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use wsgate::protocol::envelope::{request_id_of, EnvelopeError, Inbound};
 use wsgate::protocol::filter::{options_per_topic, SubscriptionOptions};
 use wsgate::ws::guard::{FrameGuard, GuardError};
+use wsgate::ws::reader::FrameReader;
 
 const CASES: u32 = 256;
 
@@ -542,7 +543,7 @@ struct Received {
     end: Option<WebSocketError>,
 }
 
-/// Reads `wire` through FrameGuard and fastwebsockets as `ws::session` does, reassembling
+/// Reads `wire` through FrameGuard and the frame reader as `ws::session` does, reassembling
 /// fragmented messages.
 fn read_all(wire: Vec<u8>, chunk: usize, max_message: usize, deflate: bool) -> Received {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -555,16 +556,11 @@ fn read_all(wire: Vec<u8>, chunk: usize, max_message: usize, deflate: bool) -> R
             chunk,
         };
         let guard = FrameGuard::new(reader, max_message, deflate);
-        let (mut ws, _write) =
-            fastwebsockets::after_handshake_split(guard, tokio::io::sink(), Role::Server);
-        ws.set_auto_close(false);
-        ws.set_auto_pong(false);
-        ws.set_max_message_size(max_message + 1);
-        let mut no_obligations = |_frame| async { Ok::<(), io::Error>(()) };
+        let mut ws = FrameReader::new(guard, max_message);
         let mut got = Received::default();
         let mut partial: Option<(bool, Vec<u8>)> = None;
         loop {
-            let frame = match ws.read_frame(&mut no_obligations).await {
+            let frame = match ws.read_frame().await {
                 Ok(frame) => frame,
                 Err(e) => {
                     got.end = Some(e);

@@ -25,10 +25,11 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
-use fastwebsockets::{OpCode, Role};
+use fastwebsockets::OpCode;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, ReadBuf};
 use wsgate::ws::guard::FrameGuard;
+use wsgate::ws::reader::FrameReader;
 
 /// An in-memory client stream: hands out `chunks` one read at a time (a read takes at most one
 /// chunk), optionally returning `Pending` once before a chunk, then the end of stream.
@@ -106,17 +107,12 @@ async fn read_all(stream: &[u8], seed: u8, max_message: usize, deflate: bool) {
         waited: false,
     };
     let guard = FrameGuard::new(reader, max_message, deflate);
-    let (mut ws, _write_half) =
-        fastwebsockets::after_handshake_split(guard, tokio::io::sink(), Role::Server);
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_max_message_size(max_message + 1);
-    let mut no_obligations = |_frame| async { Ok::<(), io::Error>(()) };
+    let mut ws = FrameReader::new(guard, max_message);
 
     // Payload bytes of the unfinished data message so far (fragments handed up).
     let mut message: Option<usize> = None;
     let mut frames = 0usize;
-    while let Ok(frame) = ws.read_frame(&mut no_obligations).await {
+    while let Ok(frame) = ws.read_frame().await {
         frames += 1;
         assert!(
             frames <= stream.len(),

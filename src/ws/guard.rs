@@ -1,5 +1,6 @@
-//! A reader below fastwebsockets: enforces what fastwebsockets 0.10 does not, and inflates
-//! permessage-deflate messages, which fastwebsockets cannot read at all.
+//! The raw client byte stream, checked and inflated below the frame reader
+//! ([`super::reader`]): every header rule is enforced here, and permessage-deflate messages
+//! are inflated, so the reader above only splits plain, valid frames.
 //!
 //! It follows the raw client byte stream frame header by frame header and refuses, before the
 //! payload is buffered anywhere:
@@ -11,7 +12,7 @@
 //! Plain frames pass through in place, untouched (no copy). When permessage-deflate was
 //! negotiated, a compressed message (RSV1 on its first frame) is taken out of the stream,
 //! unmasked, inflated with a bound (an inflation bomb stops at `max_message_size`: close 1009;
-//! corrupt data: close 1007) and put back as one plain frame, so fastwebsockets above only ever
+//! corrupt data: close 1007) and put back as one plain frame, so the reader above only ever
 //! sees frames it understands. Control frames between its fragments pass through in order.
 //!
 //! Bytes before a refused header are still handed up, so messages the client sent earlier are
@@ -26,7 +27,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use super::deflate::{self, InflateError};
 
-/// What the guard refused; carried inside an `io::Error` through fastwebsockets.
+/// What the guard refused; carried inside an `io::Error` through the frame reader.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardError {
     #[error("client frame is not masked")]
@@ -126,7 +127,7 @@ impl<R> FrameGuard<R> {
         let mut read = start;
         // Where the current frame's header began in the output, to take it back on refusal. A
         // header begun in an earlier read is partly handed up already: its part from this read
-        // is taken back, so fastwebsockets never holds a refused header whole.
+        // is taken back, so the frame reader never holds a refused header whole.
         let mut header_mark: Option<(bool, usize)> = (self.header_len > 0).then(|| {
             if sink.diverted {
                 (true, self.out.len())
@@ -237,7 +238,7 @@ impl<R> FrameGuard<R> {
                 InflateError::Corrupt => GuardError::BadCompressedData,
             })?;
         // Without a mask: the guard has already checked that the client masked its frames, and
-        // fastwebsockets (which never asks) then has nothing to unmask.
+        // the frame reader (which never asks) then has nothing to unmask.
         let len = payload.len();
         sink.diverted = true;
         self.out.reserve(len + 10);
@@ -325,7 +326,7 @@ impl<R> FrameGuard<R> {
                 self.plain_bytes = if fin { 0 } else { size };
                 self.plain_in_message = !fin;
             }
-            // Reserved opcodes pass through; fastwebsockets refuses them.
+            // Reserved opcodes pass through; the frame reader refuses them.
             _ => {}
         }
         self.payload_left = payload;
@@ -497,11 +498,11 @@ mod tests {
     }
 
     /// Found by tests/parsers_proptest.rs: the part of a refused header that arrived in the
-    /// refusing read was handed up, so fastwebsockets had the whole header. It then read an
+    /// refusing read was handed up, so the frame reader had the whole header. It then read an
     /// empty refused frame as a message, or refused a long one itself (`FrameTooLarge`) instead
     /// of the guard. At most the bytes of earlier reads may reach it: never a complete header.
     #[test]
-    fn a_refused_header_split_across_reads_never_reaches_fastwebsockets_whole() {
+    fn a_refused_header_split_across_reads_never_reaches_the_reader_whole() {
         // Unmasked and empty: complete once its second byte is in.
         let (out, err) = run(&mut plain(1000), &[0x81, 0x00], 1);
         assert_eq!((out, err), (vec![0x81], Some(GuardError::Unmasked)));

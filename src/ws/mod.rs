@@ -1,13 +1,14 @@
 //! The WebSocket side of a node, in the order a connection meets it:
 //! `upgrade` (handshake, identity, admission) -> `session` (read loop, frames to messages) ->
 //! `dispatch` (each client message of the protocol; `recovery` for subscriptions with `since`) -> `writer` (bounded queue, batched
-//! writes) -> socket. `guard` sits below fastwebsockets on the read path; `frame` builds the
-//! server's frame bytes.
+//! writes) -> socket. On the read path `guard` checks and inflates the raw stream and `reader`
+//! splits it into frames; `frame` builds the server's frame bytes.
 
 pub mod deflate;
 mod dispatch;
 pub mod frame;
 pub mod guard;
+pub mod reader;
 mod recovery;
 pub mod session;
 pub mod upgrade;

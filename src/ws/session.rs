@@ -1,7 +1,7 @@
 //! One client connection after the upgrade: admission outcome, registration, the read loop,
 //! the token's lifetime, and leaving.
 //!
-//! The session owns the read half (fastwebsockets over [`FrameGuard`]); the write half belongs
+//! The session owns the read half ([`FrameReader`] over [`FrameGuard`]); the write half belongs
 //! to the connection's writer task ([`writer::run`]), which the session feeds through the
 //! connection's [`Outbound`] queue like every other producer. The session reassembles
 //! fragmented messages, applies the per-message limits (size, UTF-8, idle time, token expiry),
@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use fastwebsockets::{OpCode, Role, WebSocketError};
+use fastwebsockets::{OpCode, WebSocketError};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::dispatch::Refusal;
 use super::guard::{FrameGuard, GuardError};
+use super::reader::FrameReader;
 use super::writer::{self, Outbound};
 use crate::auth::{Credentials, TopicGrants};
 use crate::hub::{Connection, DeflateParams, SharedFrame};
@@ -264,15 +265,9 @@ impl Session {
     {
         let settings = &self.ctx.settings.ws;
         let idle_timeout = settings.idle_timeout;
-        let (mut ws, _unused_write_half) =
-            fastwebsockets::after_handshake_split(reader, tokio::io::sink(), Role::Server);
-        // Pings, pongs and closes are answered through our own writer, not fastwebsockets'.
-        ws.set_auto_close(false);
-        ws.set_auto_pong(false);
-        // FrameGuard enforces the whole-message limit first; fastwebsockets' own check is per
-        // frame and refuses a frame of exactly its limit, so give it one byte of room.
-        ws.set_max_message_size(settings.max_message_size + 1);
-        let mut no_obligations = |_frame| async { Ok::<(), std::io::Error>(()) };
+        // Pings, pongs and closes are answered through our own writer. FrameGuard enforces the
+        // whole-message limit first; the reader's own bound is per frame.
+        let mut ws = FrameReader::new(reader, settings.max_message_size);
 
         // A fragmented message so far: its opcode, its bytes, and (text) how many of them are
         // known to be complete UTF-8, so that an invalid sequence fails it at once (1007).
@@ -283,7 +278,7 @@ impl Session {
             let token_deadline = self.token_deadline();
             let deadline = token_deadline.map_or(idle_deadline, |t| t.min(idle_deadline));
             let frame = tokio::select! {
-                read = tokio::time::timeout_at(deadline, ws.read_frame(&mut no_obligations)) => match read {
+                read = tokio::time::timeout_at(deadline, ws.read_frame()) => match read {
                     Ok(Ok(frame)) => frame,
                     Ok(Err(e)) => return exit_for(e),
                     Err(_) if token_deadline.is_some_and(|t| t <= Instant::now()) => {
