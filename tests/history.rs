@@ -363,6 +363,17 @@ async fn a_duplicate_idempotency_key_is_delivered_once_across_nodes() {
     subscribe(&mut c, &["orders"]).await;
     wait_numsub(&redis, "wsgate:t:{orders}", 1).await;
     idempotency_holds(a.local_addr, b.local_addr, &mut c).await;
+    // The key is remembered for exactly the window (IDEMPOTENCY_WINDOW), not forever.
+    let ttl: u64 = redis
+        .cli(&["PTTL", "wsgate:t:{orders}:idem:k-1"])
+        .trim()
+        .parse()
+        .expect("PTTL answers a number");
+    let window = wsgate::broker::IDEMPOTENCY_WINDOW.as_millis() as u64;
+    assert!(
+        ttl <= window && ttl > window - 10_000,
+        "idempotency key TTL {ttl} ms, window {window} ms"
+    );
 }
 
 /// Backends publish with sequencing and history through the Redis Function, from any client.

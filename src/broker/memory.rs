@@ -56,11 +56,17 @@ impl MemoryBroker {
         }
         self.idempotency
             .lock()
-            .retain(|_, (_, at)| now.duration_since(*at) < IDEMPOTENCY_WINDOW);
+            .retain(|_, (_, at)| remembered(*at, now));
         let settings = Arc::clone(&self.settings);
         self.history
             .expire_idle(|topic| settings.namespace_of(topic).history);
     }
+}
+
+/// Whether an idempotency key first seen at `at` still counts at `now`: for exactly
+/// [`IDEMPOTENCY_WINDOW`].
+fn remembered(at: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(at) < IDEMPOTENCY_WINDOW
 }
 
 /// Encodes a direct message once and hands it to the hub.
@@ -119,7 +125,7 @@ impl Broker for MemoryBroker {
         let mut seen = key.as_ref().map(|_| self.idempotency.lock());
         if let (Some(seen), Some(key)) = (seen.as_deref(), key.as_ref()) {
             if let Some((first, at)) = seen.get(key) {
-                if at.elapsed() < IDEMPOTENCY_WINDOW {
+                if remembered(*at, Instant::now()) {
                     return Ok(PublishReceipt {
                         seq: first.seq,
                         epoch: first.epoch.clone(),
@@ -212,5 +218,21 @@ impl Broker for MemoryBroker {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idempotency_key_counts_for_exactly_the_window() {
+        let at = Instant::now();
+        assert!(remembered(at, at));
+        assert!(remembered(
+            at,
+            at + IDEMPOTENCY_WINDOW - Duration::from_millis(1)
+        ));
+        assert!(!remembered(at, at + IDEMPOTENCY_WINDOW));
     }
 }

@@ -476,3 +476,81 @@ fn push_shared(conn: &Connection, frame: &SharedFrame) -> bool {
         .push(frame.for_recipient(conn.deflate))
         .is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn connection(hub: &Hub) -> Arc<Connection> {
+        let conn = Arc::new(Connection {
+            id: hub.next_conn_id(),
+            client_id: Arc::from("held"),
+            user_id: None,
+            outbound: Outbound::new(1 << 30),
+            connected_at: SystemTime::now(),
+            deflate: None,
+        });
+        hub.register(Arc::clone(&conn));
+        conn
+    }
+
+    fn publication(seq: u64) -> Publication {
+        let meta = PublicationMeta {
+            kind: "tick",
+            sequence: Some((seq, "e")),
+            id: None,
+            time_ms: Some(0),
+            require_ack: false,
+        };
+        let data = RawValue::from_string(format!("{{\"n\":{seq}}}")).expect("json");
+        Publication::from_meta("busy", &meta, &data)
+    }
+
+    /// A recovering subscription holds up to MAX_HELD_DURING_RECOVERY live publications; the
+    /// one after that makes it a slow consumer (close 4008) instead of buffering without end.
+    #[test]
+    fn a_recovery_holds_up_to_its_limit_then_is_a_slow_consumer() {
+        let hub = Hub::new();
+        let conn = connection(&hub);
+        let topic: Arc<str> = Arc::from("busy");
+        hub.subscribe_recovering(&topic, &conn, &SubscriptionOptions::default());
+        for seq in 1..=MAX_HELD_DURING_RECOVERY as u64 {
+            let d = hub.deliver(&publication(seq));
+            assert_eq!((d.delivered, d.dropped), (1, 0), "publication {seq} held");
+        }
+        assert_eq!(conn.outbound.close_code(), None);
+        let d = hub.deliver(&publication(MAX_HELD_DURING_RECOVERY as u64 + 1));
+        assert_eq!((d.delivered, d.dropped), (0, 1));
+        assert_eq!(
+            conn.outbound.close_code(),
+            Some(CloseCode::SlowConsumer.as_u16())
+        );
+    }
+
+    /// Below the limit, what was held is queued after the replay, in order, once the recovery
+    /// finishes.
+    #[test]
+    fn held_publications_follow_the_replay() {
+        let hub = Hub::new();
+        let conn = connection(&hub);
+        let topic: Arc<str> = Arc::from("busy");
+        hub.subscribe_recovering(&topic, &conn, &SubscriptionOptions::default());
+        for seq in 3..=5 {
+            hub.deliver(&publication(seq));
+        }
+        // History replays 1..=4; the held 3 and 4 are already in it.
+        let replay = (1..=4).map(publication).collect();
+        assert_eq!(hub.finish_recovery("busy", conn.id, replay), 5);
+        let frames = conn.outbound.drain_for_test();
+        let seqs: Vec<u64> = frames
+            .iter()
+            .map(|f| {
+                let text = std::str::from_utf8(crate::ws::frame::payload_of(f)).expect("utf8");
+                let v: serde_json::Value = serde_json::from_str(text).expect("json");
+                v["seq"].as_u64().expect("seq")
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    }
+}
