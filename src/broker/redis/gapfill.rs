@@ -148,27 +148,31 @@ impl GapFiller {
         tokio::spawn(async move { this.fill(topic, from).await });
     }
 
-    /// Reads the history after `from` (retrying while Redis comes back), then delivers the
-    /// missing publications and the held ones in `seq` order and releases the topic.
+    /// Reads the history after `from`, page after page (a gap may be longer than one read
+    /// returns), then delivers the missing publications and the held ones in `seq` order and
+    /// releases the topic.
     async fn fill(self: Arc<Self>, topic: Arc<str>, from: StreamPosition) {
         let mut fetched: Vec<Publication> = Vec::new();
         let mut complete = false;
         if let Some(reader) = self.reader.get() {
-            let mut pause = FILL_BACKOFF;
-            for attempt in 1..=FILL_ATTEMPTS {
-                match reader(topic.to_string(), from.clone()).await {
-                    Ok(page) => {
-                        complete = page.complete;
-                        fetched = page.publications;
-                        break;
+            let mut next = from.clone();
+            while let Some(page) = read_page(reader, &topic, &next).await {
+                complete = page.complete;
+                // A page that stops short (truncated by the read's limit) ends at a position
+                // the next read continues from; an empty or incomplete one ends the fill.
+                let last = page
+                    .publications
+                    .last()
+                    .and_then(|p| Some((p.seq?, p.epoch.clone()?)));
+                fetched.extend(page.publications);
+                match last {
+                    Some((seq, epoch)) if !complete => {
+                        next = StreamPosition {
+                            seq,
+                            epoch: epoch.to_string(),
+                        }
                     }
-                    Err(e) if attempt == FILL_ATTEMPTS => {
-                        tracing::warn!(%topic, error = %e, "could not read history to fill a gap");
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(pause).await;
-                        pause *= 2;
-                    }
+                    _ => break,
                 }
             }
         }
@@ -203,6 +207,28 @@ impl GapFiller {
             }
         }
     }
+}
+
+/// One history read after `from`, retried while Redis comes back; `None` when it never did.
+async fn read_page(
+    reader: &HistoryReader,
+    topic: &str,
+    from: &StreamPosition,
+) -> Option<HistoryPage> {
+    let mut pause = FILL_BACKOFF;
+    for attempt in 1..=FILL_ATTEMPTS {
+        match reader(topic.to_string(), from.clone()).await {
+            Ok(page) => return Some(page),
+            Err(e) if attempt == FILL_ATTEMPTS => {
+                tracing::warn!(%topic, error = %e, "could not read history to fill a gap");
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -271,6 +297,33 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         filler.offer(publication(7));
         assert_eq!(delivered(&outbound), vec![1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    /// A gap longer than one history read (pages of 10 here, 25 missing) is filled page
+    /// after page, not cut at the first.
+    #[tokio::test]
+    async fn a_gap_longer_than_one_page_is_filled_whole() {
+        let (hub, outbound) = hub_with_subscriber();
+        let ring = Arc::new(HistoryRing::new());
+        let bounds = HistorySettings::default();
+        for _ in 1..=27 {
+            ring.append("t", bounds, || "e1".into(), |pos| publication(pos.seq));
+        }
+        let filler = GapFiller::new(hub);
+        let reader_ring = Arc::clone(&ring);
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&reads);
+        filler.set_reader(Arc::new(move |topic: String, from: StreamPosition| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let page = reader_ring.read(&topic, Some(&from), 10, bounds);
+            Box::pin(async move { Ok(page) })
+        }));
+        filler.offer(publication(1));
+        // 2..=26 were lost; 27 reveals the gap.
+        filler.offer(publication(27));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(delivered(&outbound), (1..=27).collect::<Vec<u64>>());
+        assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 
     #[tokio::test]
