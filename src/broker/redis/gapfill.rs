@@ -133,9 +133,13 @@ impl GapFiller {
         }
     }
 
-    /// This node no longer holds `topic`: forget where its stream stood.
+    /// This node no longer holds `topic`: forget where its stream stood. The note saying so
+    /// may arrive after a new subscriber joined (notes from different tasks are not ordered),
+    /// so a topic that has local subscribers again keeps its cursor.
     pub fn forget(&self, topic: &str) {
-        self.cursors.remove_if(topic, |_, c| c.filling.is_none());
+        self.cursors.remove_if(topic, |_, c| {
+            c.filling.is_none() && self.hub.subscriber_count(topic) == 0
+        });
     }
 
     /// Topics with a cursor (for tests and diagnostics).
@@ -324,6 +328,20 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(delivered(&outbound), (1..=27).collect::<Vec<u64>>());
         assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    /// A late "last subscriber gone" note does not drop the cursor of a topic that has a
+    /// subscriber again; once nobody holds it, it is forgotten.
+    #[tokio::test]
+    async fn forget_keeps_the_cursor_of_a_topic_still_held() {
+        let (hub, _outbound) = hub_with_subscriber();
+        let filler = GapFiller::new(Arc::clone(&hub));
+        filler.offer(publication(1));
+        filler.forget("t");
+        assert_eq!(filler.tracked(), 1, "t still has a subscriber");
+        hub.unsubscribe("t", 1);
+        filler.forget("t");
+        assert_eq!(filler.tracked(), 0);
     }
 
     #[tokio::test]
