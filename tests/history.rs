@@ -398,6 +398,19 @@ async fn backends_publish_through_fcall_with_history() {
     };
     let reply = fcall(r#"{"usd":1}"#);
     assert!(reply.starts_with('1'), "seq 1 first: {reply:?}");
+    // The topic's position expires POSITION_TTL after its last publication, not never.
+    let position_ttl = wsgate::broker::POSITION_TTL.as_millis() as u64;
+    for key in ["wsgate:t:{prices}:seq", "wsgate:t:{prices}:epoch"] {
+        let ttl: u64 = redis
+            .cli(&["PTTL", key])
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} has no TTL"));
+        assert!(
+            ttl <= position_ttl && ttl > position_ttl - 60_000,
+            "{key}: TTL {ttl} ms, expected about {position_ttl}"
+        );
+    }
     let m = c.expect_type("price").await;
     assert_eq!(
         (m["seq"].as_u64(), &m["data"]),

@@ -60,6 +60,13 @@ pub struct PublishReceipt {
 /// answers in well under a millisecond; the bound is for a Redis that stopped answering.
 pub const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a topic's position (`seq` counter and `epoch`) is kept in Redis after its last
+/// publication (Centrifugo's `history_meta_ttl`): long past any history, so a client that
+/// comes back to a quiet topic is told `recovered: true` (it missed nothing); after that, a
+/// topic published again starts a new epoch. Without it every topic name ever used would keep
+/// two keys in Redis forever.
+pub const POSITION_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// How long an idempotency key is remembered per topic.
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 

@@ -24,7 +24,7 @@ use redis::Value;
 use super::commands::Commands;
 use super::inbound;
 use super::keys;
-use crate::broker::{BrokerError, TopicMessage, IDEMPOTENCY_WINDOW};
+use crate::broker::{BrokerError, TopicMessage, IDEMPOTENCY_WINDOW, POSITION_TTL};
 use crate::config::{HistorySettings, Settings};
 use crate::history::{HistoryPage, StreamPosition};
 
@@ -52,10 +52,12 @@ pub fn library_code(settings: &Settings) -> String {
          local NAMESPACES = {{\n{table}}}\n\
          local DEFAULT = {default}\n\
          local IDEMPOTENCY_MS = {idem}\n\
+         local POSITION_MS = {position}\n\
          local PUBLISH = '{publish}'\n\
          {BODY}",
         default = bounds(&settings.default_namespace.history),
         idem = IDEMPOTENCY_WINDOW.as_millis(),
+        position = POSITION_TTL.as_millis(),
         publish = if settings.redis.cluster {
             "SPUBLISH"
         } else {
@@ -123,6 +125,9 @@ local function publish(keys, args)
     epoch = string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
     redis.call('SET', channel .. ':epoch', epoch)
   end
+  -- The position outlives any history, but not forever (both go together).
+  redis.call('PEXPIRE', channel .. ':seq', POSITION_MS)
+  redis.call('PEXPIRE', channel .. ':epoch', POSITION_MS)
   local spec = '{"seq":' .. seq .. ',"epoch":"' .. epoch .. '","ts":' .. ms ..
     ',"type":' .. cjson.encode(kind)
   if args[4] == '1' then
