@@ -436,3 +436,38 @@ async fn backends_publish_through_fcall_with_history() {
     assert_eq!(ack["data"]["recovered"], true, "{ack}");
     contiguous(&read_publications(&mut late, "prices", 2).await, 1);
 }
+
+/// The top-level publish form (`topic` beside `type`, `data` as the payload) carries
+/// `idempotencyKey` and `requireAck` too: a repeated key is published once, and a `requireAck`
+/// publication reaches subscribers marked so.
+#[tokio::test]
+async fn the_top_level_publish_form_carries_idempotency_and_require_ack() {
+    let node = start_node(|s| {
+        s.namespaces.insert(
+            "chat".into(),
+            NamespaceSettings {
+                publish: wsgate::config::Access::Anyone,
+                ..NamespaceSettings::default()
+            },
+        );
+    })
+    .await;
+    let (mut sub, _) = connect(node.local_addr, "/ws").await;
+    subscribe(&mut sub, &["chat:room"]).await;
+    let (mut publisher, _) = connect(node.local_addr, "/ws").await;
+    let publish = |id: &str, n: u64| {
+        json!({"type": "publish", "id": id, "topic": "chat:room", "data": {"n": n},
+               "idempotencyKey": "top-1", "requireAck": true})
+    };
+    let first = publisher.request(publish("p1", 1)).await;
+    assert_eq!(first["data"]["duplicate"], false, "{first}");
+    let again = publisher.request(publish("p2", 2)).await;
+    assert_eq!(again["data"]["duplicate"], true, "{again}");
+    assert_eq!(again["data"]["seq"], first["data"]["seq"], "{again}");
+    let m = sub.expect_type("message").await;
+    assert_eq!(m["data"]["n"], 1, "{m}");
+    assert_eq!(m["requireAck"], true, "{m}");
+    sub.send_json(json!({"type": "ack", "data": {"id": m["id"]}}))
+        .await;
+    sub.expect_silence().await;
+}

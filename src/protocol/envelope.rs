@@ -37,6 +37,11 @@ pub struct Inbound<'a> {
     /// The framework guide's name for the payload of direct messages.
     #[serde(borrow, default)]
     pub content: Option<&'a RawValue>,
+    /// Top-level form of `publish`: the idempotency key and `requireAck` beside `topic`.
+    #[serde(rename = "idempotencyKey", borrow, default)]
+    pub idempotency_key: Option<Text<'a>>,
+    #[serde(rename = "requireAck", default)]
+    pub require_ack: bool,
 }
 
 /// A string field borrowed from the frame when it has no escapes.

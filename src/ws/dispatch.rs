@@ -345,12 +345,15 @@ impl Session {
     }
 
     async fn handle_publish(&mut self, msg: &Inbound<'_>) -> Result<Bytes, Refusal> {
-        // Two shapes: `data: {topic, type, data}`, or a top-level `topic` with `data` as the
-        // payload itself (then the publication's type is "message").
+        // Two shapes: `data: {topic, type, data, idempotencyKey, requireAck}`, or a top-level
+        // `topic` (and `idempotencyKey`, `requireAck`) with `data` as the payload itself (then
+        // the publication's type is "message").
         let req: PublishRequest = match msg.topic.as_deref() {
             Some(topic) => PublishRequest {
                 topic: Some(topic.to_string()),
                 data: msg.payload().map(RawValue::to_owned),
+                idempotency_key: msg.idempotency_key.as_deref().map(str::to_string),
+                require_ack: msg.require_ack,
                 ..PublishRequest::default()
             },
             None => parse_data(msg.payload())?,
