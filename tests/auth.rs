@@ -625,3 +625,37 @@ async fn tokens_and_keys_stay_out_of_the_logs() {
         );
     }
 }
+
+/// Keys rotated into the JWKS file are taken without a restart: a token naming a `kid` the
+/// node does not have makes it read the file again (at most once per KEY_RELOAD_INTERVAL), so
+/// a kid added meanwhile verifies; a kid that is still unknown is refused.
+#[tokio::test]
+async fn a_kid_rotated_into_the_jwks_file_is_taken_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let jwks_path = dir.path().join("jwks.json");
+    let original = std::fs::read_to_string(fixture("jwks.json")).expect("fixture");
+    std::fs::write(&jwks_path, original.replace("jwks-rsa-1", "retired-1")).expect("write");
+    let path = jwks_path.clone();
+    let node = start_node(move |s| s.auth.jwks_file = Some(path)).await;
+    let addr = node.local_addr;
+    let c = |sub: &str| claims(sub, 600, json!({}));
+    let old = signed(
+        Algorithm::RS256,
+        Some("retired-1"),
+        "rsa2_private.pem",
+        &c("old"),
+    );
+    assert_eq!(user_of(addr, &old).await, "old");
+
+    // The key is rotated in under a new kid (and the old one dropped).
+    std::fs::write(&jwks_path, &original).expect("rewrite");
+    let new = signed(
+        Algorithm::RS256,
+        Some("jwks-rsa-1"),
+        "rsa2_private.pem",
+        &c("new"),
+    );
+    assert_eq!(user_of(addr, &new).await, "new");
+    let why = refused(addr, &format!("/ws?token={old}")).await;
+    assert!(why.contains("kid"), "{why}");
+}

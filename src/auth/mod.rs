@@ -6,6 +6,9 @@
 //!   the user id, its topics claim the [`TopicGrants`], its `exp` (plus leeway) when the
 //!   connection must have sent a `refresh` with a new token. `user_id` in the query is ignored.
 //! - `keys`: which configured key may verify which token (allow-listed algorithms, `kid`).
+//!   With a JWKS file, a token naming a `kid` nobody has makes the node read its keys again
+//!   (at most once per [`KEY_RELOAD_INTERVAL`]), so keys rotated into the file are taken
+//!   without a restart.
 //! - `grants`: topic patterns from the token and the namespace rules applied to them.
 //! - `api_key`: HTTP API keys.
 //! - `origin`: which browser origins may open a WebSocket.
@@ -18,6 +21,7 @@ pub mod grants;
 pub mod keys;
 pub mod origin;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -78,10 +82,52 @@ struct Claims {
     rest: Map<String, Value>,
 }
 
+/// With a JWKS file: the least time between two reloads of the keys (each one started by a token
+/// with an unknown `kid`), so that tokens with made-up kids cannot make the node read files in
+/// a loop.
+pub const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The keys in use, and what reloading them needs.
+#[derive(Debug)]
+struct Keys {
+    ring: parking_lot::RwLock<Arc<KeyRing>>,
+    /// Set when a JWKS file is configured: the settings to load from again.
+    reload: Option<AuthSettings>,
+    last_reload: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl Keys {
+    /// Reads the keys again (JWKS configured, and none read within [`KEY_RELOAD_INTERVAL`]);
+    /// the new ring when that worked. A file that fails to load keeps the old keys.
+    fn reloaded(&self) -> Option<Arc<KeyRing>> {
+        let settings = self.reload.as_ref()?;
+        {
+            let mut last = self.last_reload.lock();
+            if last.is_some_and(|at| at.elapsed() < KEY_RELOAD_INTERVAL) {
+                return None;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match KeyRing::load(settings) {
+            Ok(Some(ring)) => {
+                let ring = Arc::new(ring);
+                *self.ring.write() = Arc::clone(&ring);
+                tracing::info!("verification keys read again (a token named an unknown kid)");
+                Some(ring)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "verification keys could not be read again; keeping the old ones");
+                None
+            }
+        }
+    }
+}
+
 /// Verifies tokens against the configured keys and rules.
 #[derive(Debug)]
 pub struct Authenticator {
-    keys: Option<KeyRing>,
+    keys: Option<Keys>,
     leeway: Duration,
     max_token_bytes: usize,
     topics_claim: String,
@@ -90,10 +136,15 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Loads the keys named in `settings` (reading key files once, here).
+    /// Loads the keys named in `settings` (read here; with a JWKS file, again when a token
+    /// names an unknown `kid`).
     pub fn from_settings(settings: &AuthSettings) -> Result<Self, KeyError> {
         Ok(Authenticator {
-            keys: KeyRing::load(settings)?,
+            keys: KeyRing::load(settings)?.map(|ring| Keys {
+                ring: parking_lot::RwLock::new(Arc::new(ring)),
+                reload: settings.jwks_file.is_some().then(|| settings.clone()),
+                last_reload: parking_lot::Mutex::new(None),
+            }),
             leeway: settings.leeway,
             max_token_bytes: settings.max_token_bytes,
             topics_claim: settings.topics_claim.clone(),
@@ -139,6 +190,22 @@ impl Authenticator {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Malformed(describe(e.kind())))?;
+        let ring = Arc::clone(&keys.ring.read());
+        match self.verify_with(&ring, token, &header) {
+            Err(AuthError::UnknownKid(kid)) => match keys.reloaded() {
+                Some(ring) => self.verify_with(&ring, token, &header),
+                None => Err(AuthError::UnknownKid(kid)),
+            },
+            other => other,
+        }
+    }
+
+    fn verify_with(
+        &self,
+        keys: &KeyRing,
+        token: &str,
+        header: &jsonwebtoken::Header,
+    ) -> Result<Credentials, AuthError> {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway.as_secs();
         validation.validate_nbf = true;
@@ -152,7 +219,7 @@ impl Authenticator {
             validation.required_spec_claims.insert("iss".into());
         }
         let mut last = AuthError::BadSignature;
-        for key in keys.candidates(&header)? {
+        for key in keys.candidates(header)? {
             match jsonwebtoken::decode::<Claims>(token, key, &validation) {
                 Ok(data) => return self.credentials(data.claims),
                 Err(e) => last = refusal(e.kind()),
