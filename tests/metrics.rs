@@ -39,6 +39,18 @@ async fn scrape(addr: SocketAddr) -> String {
     String::from_utf8(body).expect("text exposition")
 }
 
+/// Scrapes until the sample of `metric` with `label` equals `value`; returns that exposition.
+async fn until_sample(addr: SocketAddr, metric: &str, label: &str, value: f64) -> String {
+    eventually_some(&format!("{metric}{{{label}}} = {value}"), || async {
+        let text = scrape(addr).await;
+        match sample(&text, metric, label) {
+            Some(v) if v == value => Ok(text),
+            _ => Err(text),
+        }
+    })
+    .await
+}
+
 /// Every sample of the exposition: `name{labels}` -> value (0 when absent, for deltas).
 fn samples(exposition: &str) -> HashMap<String, f64> {
     exposition
@@ -520,14 +532,7 @@ async fn redis_outage_shows_in_readiness_and_metrics() {
     let node = cluster_node(&[redis.url()], "metrics-r").await;
     let addr = node.local_addr;
     let label = "node=\"metrics-r\"";
-    eventually_some("broker ready", || async {
-        let text = scrape(addr).await;
-        match sample(&text, "wsgate_broker_ready", label) {
-            Some(1.0) => Ok(()),
-            _ => Err(text),
-        }
-    })
-    .await;
+    until_sample(addr, "wsgate_broker_ready", label, 1.0).await;
     let before = scrape(addr).await;
     let errors_before = sample(
         &before,
@@ -536,14 +541,7 @@ async fn redis_outage_shows_in_readiness_and_metrics() {
     );
 
     redis.kill();
-    eventually_some("broker not ready in metrics", || async {
-        let text = scrape(addr).await;
-        match sample(&text, "wsgate_broker_ready", label) {
-            Some(0.0) => Ok(()),
-            _ => Err(text),
-        }
-    })
-    .await;
+    until_sample(addr, "wsgate_broker_ready", label, 0.0).await;
     assert_eq!(readyz(addr).await, 503);
 
     redis.restart();
@@ -589,14 +587,7 @@ async fn redis_messages_received_counts_each_message_redis_delivered() {
     let node = cluster_node(&[redis.url()], "metrics-m").await;
     let addr = node.local_addr;
     let label = "node=\"metrics-m\"";
-    eventually_some("broker ready", || async {
-        let text = scrape(addr).await;
-        match sample(&text, "wsgate_broker_ready", label) {
-            Some(1.0) => Ok(()),
-            _ => Err(text),
-        }
-    })
-    .await;
+    until_sample(addr, "wsgate_broker_ready", label, 1.0).await;
     let before = sample(
         &scrape(addr).await,
         "wsgate_redis_messages_received_total",
@@ -614,13 +605,6 @@ async fn redis_messages_received_counts_each_message_redis_delivered() {
             "the node is subscribed to the broadcast channel"
         );
     }
-    eventually_some("five messages counted", || async {
-        let text = scrape(addr).await;
-        match sample(&text, "wsgate_redis_messages_received_total", label) {
-            Some(5.0) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    until_sample(addr, "wsgate_redis_messages_received_total", label, 5.0).await;
     node.shutdown().await;
 }

@@ -266,6 +266,15 @@ mod tests {
         (hub, outbound)
     }
 
+    /// Reads `ring` as the broker reads Redis history: at most `page` publications per read.
+    fn ring_reader(ring: &Arc<HistoryRing>, page: usize) -> HistoryReader {
+        let ring = Arc::clone(ring);
+        Arc::new(move |topic: String, from: StreamPosition| {
+            let read = ring.read(&topic, Some(&from), page, HistorySettings::default());
+            Box::pin(async move { Ok(read) })
+        })
+    }
+
     fn delivered(outbound: &Outbound) -> Vec<u64> {
         outbound
             .drain_for_test()
@@ -287,11 +296,7 @@ mod tests {
             ring.append("t", bounds, || "e1".into(), |pos| publication(pos.seq));
         }
         let filler = GapFiller::new(hub);
-        let reader_ring = Arc::clone(&ring);
-        filler.set_reader(Arc::new(move |topic: String, from: StreamPosition| {
-            let page = reader_ring.read(&topic, Some(&from), 100, bounds);
-            Box::pin(async move { Ok(page) })
-        }));
+        filler.set_reader(ring_reader(&ring, 100));
         filler.offer(publication(1));
         filler.offer(publication(2));
         filler.offer(publication(2));
@@ -314,13 +319,12 @@ mod tests {
             ring.append("t", bounds, || "e1".into(), |pos| publication(pos.seq));
         }
         let filler = GapFiller::new(hub);
-        let reader_ring = Arc::clone(&ring);
         let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = Arc::clone(&reads);
+        let read = ring_reader(&ring, 10);
         filler.set_reader(Arc::new(move |topic: String, from: StreamPosition| {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let page = reader_ring.read(&topic, Some(&from), 10, bounds);
-            Box::pin(async move { Ok(page) })
+            read(topic, from)
         }));
         filler.offer(publication(1));
         // 2..=26 were lost; 27 reveals the gap.
@@ -350,11 +354,7 @@ mod tests {
         let ring = Arc::new(HistoryRing::new());
         let bounds = HistorySettings::default();
         let filler = GapFiller::new(hub);
-        let reader_ring = Arc::clone(&ring);
-        filler.set_reader(Arc::new(move |topic: String, from: StreamPosition| {
-            let page = reader_ring.read(&topic, Some(&from), 100, bounds);
-            Box::pin(async move { Ok(page) })
-        }));
+        filler.set_reader(ring_reader(&ring, 100));
         for _ in 1..=3 {
             ring.append("t", bounds, || "e1".into(), |pos| publication(pos.seq));
         }
