@@ -255,14 +255,16 @@ impl Session {
         if !broker.is_ready() {
             return;
         }
-        let wait = crate::broker::SUBSCRIBE_WAIT;
+        // One bound for the whole wait, however many topics.
+        let deadline = Instant::now() + crate::broker::SUBSCRIBE_WAIT;
+        let left = || deadline.saturating_duration_since(Instant::now());
         for topic in topics {
-            if !broker.await_subscribed(topic, wait).await {
+            if !broker.await_subscribed(topic, left()).await {
                 tracing::debug!(topic, "subscribed before the broker confirmed the topic");
             }
         }
         if let (true, Some(user)) = (user, &self.conn.user_id) {
-            if !broker.await_user_subscribed(user, wait).await {
+            if !broker.await_user_subscribed(user, left()).await {
                 tracing::debug!(user = %user, "connected before the broker confirmed the user channel");
             }
         }
