@@ -245,8 +245,7 @@ impl Subscriber {
             shared: shared.clone(),
             commands: commands_rx,
             live: None,
-            interest: HashSet::new(),
-            notes: HashMap::new(),
+            interest: HashMap::new(),
             server: HashSet::new(),
             pending: HashSet::new(),
             lingering: HashMap::new(),
@@ -555,11 +554,10 @@ struct Actor {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
     live: Option<Live>,
-    /// Channels somebody on this node wants (their count in `notes` is positive).
-    interest: HashSet<String>,
-    /// Per channel, `add` notes minus `remove` notes so far (entries at 0 are dropped). Notes
-    /// from different tasks can arrive out of order; the count cannot be fooled by that.
-    notes: HashMap<String, i64>,
+    /// Per channel, `add` notes minus `remove` notes so far (entries at 0 are dropped); a
+    /// channel is wanted while its count is positive ([`Actor::wants`]). Notes from different
+    /// tasks can arrive out of order; the count cannot be fooled by that.
+    interest: HashMap<String, i64>,
     /// Channels the server confirmed on the current connection.
     server: HashSet<String>,
     /// Wanted, not yet on the server: the next SUBSCRIBE batch.
@@ -716,16 +714,29 @@ impl Actor {
         tracing::debug!(url = %self.config.target(), "redis subscriber stopped");
     }
 
+    /// Whether somebody on this node wants `channel`.
+    fn wants(&self, channel: &str) -> bool {
+        self.interest.get(channel).is_some_and(|&n| n > 0)
+    }
+
+    /// The channels somebody on this node wants.
+    fn wanted(&self) -> impl Iterator<Item = &String> {
+        self.interest
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(channel, _)| channel)
+    }
+
     fn apply(&mut self, cmd: Command) {
         let (channel, step) = match &cmd {
             Command::Add(channel) => (channel, 1),
             Command::Remove(channel) => (channel, -1),
         };
-        let count = self.notes.entry(channel.clone()).or_insert(0);
+        let count = self.interest.entry(channel.clone()).or_insert(0);
         *count += step;
         let count = *count;
         if count == 0 {
-            self.notes.remove(channel);
+            self.interest.remove(channel);
         }
         // Only the moves between "not wanted" (<= 0) and "wanted" (> 0) change anything.
         let crossed = match cmd {
@@ -744,14 +755,10 @@ impl Actor {
                         self.shared.confirmed.notify_waiters();
                     }
                 } else if self.live.is_some() {
-                    self.pending.insert(channel.clone());
+                    self.pending.insert(channel);
                 }
-                self.interest.insert(channel);
             }
             Command::Remove(channel) => {
-                if !self.interest.remove(&channel) {
-                    return;
-                }
                 if self.pending.remove(&channel) {
                     // Never reached the server: nothing to unsubscribe.
                     return;
@@ -859,7 +866,7 @@ impl Actor {
         self.pending.clear();
         self.lingering.clear();
         self.linger_queue.clear();
-        let all: Vec<String> = self.interest.iter().cloned().collect();
+        let all: Vec<String> = self.wanted().cloned().collect();
         conn.subscribe(&all).await?;
         self.shared.subscribed.lock().extend(all.iter().cloned());
         self.shared.confirmed.notify_waiters();
@@ -957,7 +964,7 @@ impl Actor {
         tracing::warn!(
             url = %self.config.target(),
             error,
-            channels = self.interest.len(),
+            channels = self.wanted().count(),
             "redis cluster subscriptions degraded; resubscribing once every master answers"
         );
     }
@@ -989,15 +996,14 @@ impl Actor {
     /// Cluster mode, after a successful probe: puts the server-side subscriptions back in line
     /// with what is wanted (SSUBSCRIBE is idempotent), then reports ready again.
     async fn resubscribe_all(&mut self) -> Result<(), RedisError> {
-        let Some(live) = self.live.as_mut() else {
-            return Ok(());
-        };
         let wanted: HashSet<String> = self
-            .interest
-            .iter()
+            .wanted()
             .chain(self.lingering.keys())
             .cloned()
             .collect();
+        let Some(live) = self.live.as_mut() else {
+            return Ok(());
+        };
         let stale: Vec<String> = self.server.difference(&wanted).cloned().collect();
         live.conn.unsubscribe(&stale).await?;
         for channel in &stale {
@@ -1009,7 +1015,12 @@ impl Actor {
         let all: Vec<String> = wanted.iter().cloned().collect();
         live.conn.subscribe(&all).await?;
         self.pending.clear();
-        *self.shared.subscribed.lock() = wanted.clone();
+        // Lingering channels are subscribed again too, but not promised to waiters.
+        *self.shared.subscribed.lock() = wanted
+            .iter()
+            .filter(|channel| !self.lingering.contains_key(*channel))
+            .cloned()
+            .collect();
         self.shared.confirmed.notify_waiters();
         self.server = wanted;
         self.degraded = false;
@@ -1050,7 +1061,7 @@ impl Actor {
         let Ok(channel) = String::from_utf8(channel) else {
             return;
         };
-        if self.interest.contains(&channel) && self.server.remove(&channel) {
+        if self.wants(&channel) && self.server.remove(&channel) {
             self.shared.subscribed.lock().remove(&channel);
             self.pending.insert(channel);
         }
@@ -1079,7 +1090,7 @@ impl Actor {
         tracing::warn!(
             url = %self.config.target(),
             error,
-            channels = self.interest.len(),
+            channels = self.wanted().count(),
             "redis subscription connection lost; reconnecting"
         );
         self.schedule_attempt();
