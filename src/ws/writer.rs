@@ -1,9 +1,12 @@
 //! A connection's outbound side: a queue of complete frames bounded in bytes, and the writer task
 //! that drains it.
 //!
-//! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. The writer takes
-//! everything queued at once and writes it with vectored writes, so a burst of publications costs
-//! one syscall per connection rather than one per frame. Bytes count against the bound from the
+//! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. When nothing is
+//! queued or in flight, a push writes the frame to the socket itself with a non-blocking
+//! `try_write`: the usual case of paced fan-out then costs one syscall and no task wake-up. What
+//! the socket does not take at once is queued, and the writer task takes everything queued at
+//! once and writes it with vectored writes, so a burst of publications costs one syscall per
+//! connection rather than one per frame. Bytes count against the bound from the
 //! moment they are queued until the kernel has accepted them; a push that would pass the bound
 //! marks the connection a slow consumer: its queue is dropped and it gets a `disconnect` notice
 //! and close 4008, while every other connection goes on untouched.
@@ -58,6 +61,11 @@ struct QueueState {
     closing: Option<Closing>,
     /// The code of the close the server decided on, once one was asked for (the first wins).
     close_code: Option<u16>,
+    /// The writer took `closing` and is writing the farewell: nothing may follow it.
+    ending: bool,
+    /// The socket, while the writer runs: pushes write to it directly when nothing is queued
+    /// or in flight (under this lock, so their bytes never interleave with the writer's).
+    socket: Option<Arc<OwnedWriteHalf>>,
     /// Set once the writer has finished; pushes after that fail.
     finished: bool,
     /// Bytes ever queued, and ever written: positions in the connection's outbound stream.
@@ -69,6 +77,44 @@ struct QueueState {
 }
 
 impl QueueState {
+    /// Counts `written` bytes from the front of the queue as out (written by a push or a
+    /// flush, outside the writer): fully written frames leave it, a partly written one is
+    /// trimmed in place. Returns the fan-out latency sample those bytes completed, if any.
+    fn account_written(&mut self, written: usize) -> Option<StdInstant> {
+        if written == 0 {
+            return None;
+        }
+        TRAFFIC.sent_bytes.add(written as u64);
+        let mut left = written;
+        while left > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            if left >= front.len() {
+                left -= front.len();
+                self.frames.pop_front();
+            } else {
+                *front = front.slice(left..);
+                left = 0;
+            }
+        }
+        self.written_out(written)
+    }
+
+    /// `n` bytes left for the kernel: they leave the bound, and a latency sample whose frame
+    /// they completed is returned.
+    fn written_out(&mut self, n: usize) -> Option<StdInstant> {
+        self.bytes -= n;
+        self.written += n as u64;
+        match self.probe {
+            Some((received, end)) if self.written >= end => {
+                self.probe = None;
+                Some(received)
+            }
+            _ => None,
+        }
+    }
+
     /// Drops every queued frame and its bytes (bytes already taken by the writer stay counted
     /// until they are written).
     fn discard_queued(&mut self) {
@@ -94,10 +140,65 @@ impl Outbound {
         })
     }
 
-    /// Queues one frame. Over the bound, the connection is closed as a slow consumer.
+    /// Queues one frame, or writes it at once when nothing is queued or in flight. Over the
+    /// bound, the connection is closed as a slow consumer.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        self.push_frame(frame, true)
+    }
+
+    /// Queues one frame without writing or waking the writer: the caller calls
+    /// [`Outbound::flush`] afterwards. A fan-out queues to every subscriber under the topic's
+    /// lock and writes after releasing it, so subscribes to that topic never wait on syscalls.
+    pub fn push_deferred(&self, frame: Bytes) -> Result<(), PushError> {
+        self.push_frame(frame, false)
+    }
+
+    /// Writes what [`Outbound::push_deferred`] queued: directly when the writer has nothing in
+    /// flight, else by waking it.
+    pub fn flush(&self) {
+        let st = self.state.lock();
+        if !st.frames.is_empty() {
+            self.write_or_wake(st);
+        }
+    }
+
+    /// Writes the queue to the socket with one non-blocking write when the writer has nothing
+    /// in flight (under the lock, so nothing interleaves); whatever the socket does not take
+    /// (full, or failed: the writer then meets the error and ends) is left to the writer.
+    fn write_or_wake(&self, mut st: parking_lot::MutexGuard<'_, QueueState>) {
+        let queued: usize = st.frames.iter().map(Bytes::len).sum();
+        let idle = st.bytes == queued && st.closing.is_none() && !st.ending;
+        if let (true, Some(socket)) = (idle, st.socket.clone()) {
+            let written = if st.frames.len() == 1 {
+                socket.try_write(&st.frames[0])
+            } else {
+                let slices: Vec<IoSlice<'_>> = st
+                    .frames
+                    .iter()
+                    .take(MAX_IOVECS)
+                    .map(|b| IoSlice::new(b))
+                    .collect();
+                socket.try_write_vectored(&slices)
+            }
+            .unwrap_or(0);
+            let sample = st.account_written(written);
+            let done = st.frames.is_empty();
+            drop(st);
+            if let Some(received) = sample {
+                crate::metrics::fanout_latency(received.elapsed());
+            }
+            if done {
+                return;
+            }
+        } else {
+            drop(st);
+        }
+        self.wake.notify_one();
+    }
+
+    fn push_frame(&self, frame: Bytes, write_now: bool) -> Result<(), PushError> {
         let mut st = self.state.lock();
-        if st.closing.is_some() || st.finished {
+        if st.closing.is_some() || st.ending || st.finished {
             return Err(PushError::Closed);
         }
         if st.bytes + frame.len() > self.limit {
@@ -116,8 +217,9 @@ impl Outbound {
         st.bytes += frame.len();
         st.pushed += frame.len() as u64;
         st.frames.push_back(frame);
-        drop(st);
-        self.wake.notify_one();
+        if write_now {
+            self.write_or_wake(st);
+        }
         Ok(())
     }
 
@@ -208,7 +310,7 @@ impl Outbound {
 
     fn close_with(&self, closing: Closing) {
         let mut st = self.state.lock();
-        if st.closing.is_none() && !st.finished {
+        if st.closing.is_none() && !st.ending && !st.finished {
             if closing.discard_queue {
                 st.discard_queued();
             }
@@ -250,25 +352,31 @@ pub enum WriterError {
 /// WebSocket ping every `ping_every` (if set) so that idle clients answer with a pong.
 pub async fn run(
     outbound: Arc<Outbound>,
-    mut socket: OwnedWriteHalf,
+    socket: OwnedWriteHalf,
     write_timeout: Duration,
     ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
-    let result = drain_loop(&outbound, &mut socket, write_timeout, ping_every).await;
+    let socket = Arc::new(socket);
+    outbound.state.lock().socket = Some(Arc::clone(&socket));
+    let result = drain_loop(&outbound, &socket, write_timeout, ping_every).await;
     {
         let mut st = outbound.state.lock();
         st.finished = true;
         st.frames.clear();
         st.bytes = 0;
+        st.socket = None;
     }
-    // Half-close so the peer sees the end even if it never answers our close frame.
-    let _ = socket.shutdown().await;
+    // Half-close so the peer sees the end even if it never answers our close frame (the
+    // queue's handle is gone, so this is the only one left).
+    if let Ok(mut socket) = Arc::try_unwrap(socket) {
+        let _ = socket.shutdown().await;
+    }
     result
 }
 
 async fn drain_loop(
     outbound: &Outbound,
-    socket: &mut OwnedWriteHalf,
+    socket: &OwnedWriteHalf,
     write_timeout: Duration,
     ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
@@ -293,7 +401,9 @@ async fn drain_loop(
         let closing = {
             let mut st = outbound.state.lock();
             batch.extend(st.frames.drain(..));
-            st.closing.take()
+            let closing = st.closing.take();
+            st.ending |= closing.is_some();
+            closing
         };
         if batch.is_empty() && closing.is_none() {
             tokio::select! {
@@ -306,18 +416,7 @@ async fn drain_loop(
         // a client that keeps reading is never cut off because one large batch is in flight.
         write_all(socket, &mut batch, write_timeout, |n| {
             TRAFFIC.sent_bytes.add(n as u64);
-            let sample = {
-                let mut st = outbound.state.lock();
-                st.bytes -= n;
-                st.written += n as u64;
-                match st.probe {
-                    Some((received, end)) if st.written >= end => {
-                        st.probe = None;
-                        Some(received)
-                    }
-                    _ => None,
-                }
-            };
+            let sample = outbound.state.lock().written_out(n);
             if let Some(received) = sample {
                 crate::metrics::fanout_latency(received.elapsed());
             }
@@ -339,9 +438,10 @@ async fn drain_loop(
 }
 
 /// Writes every frame of `frames` with as few vectored writes as the kernel allows; empties it.
-/// `on_written` hears how many bytes each write got out.
+/// `on_written` hears how many bytes each write got out. A write is tried first and only a full
+/// socket is waited on (with `write_timeout`), so no timer is set up while the socket has room.
 async fn write_all(
-    socket: &mut OwnedWriteHalf,
+    socket: &OwnedWriteHalf,
     frames: &mut Vec<Bytes>,
     write_timeout: Duration,
     mut on_written: impl FnMut(usize),
@@ -349,17 +449,24 @@ async fn write_all(
     let mut first = 0;
     while first < frames.len() {
         let end = frames.len().min(first + MAX_IOVECS);
-        let written = if end - first == 1 {
-            // One frame (the usual case of paced fan-out): no slice list to allocate.
-            tokio::time::timeout(write_timeout, socket.write(&frames[first]))
-                .await
-                .map_err(|_| WriterError::Stalled(write_timeout))??
-        } else {
-            let slices: Vec<IoSlice<'_>> =
-                frames[first..end].iter().map(|b| IoSlice::new(b)).collect();
-            tokio::time::timeout(write_timeout, socket.write_vectored(&slices))
-                .await
-                .map_err(|_| WriterError::Stalled(write_timeout))??
+        let written = loop {
+            let tried = if end - first == 1 {
+                // One frame (the usual case of paced fan-out): no slice list to allocate.
+                socket.try_write(&frames[first])
+            } else {
+                let slices: Vec<IoSlice<'_>> =
+                    frames[first..end].iter().map(|b| IoSlice::new(b)).collect();
+                socket.try_write_vectored(&slices)
+            };
+            match tried {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(write_timeout, socket.writable())
+                        .await
+                        .map_err(|_| WriterError::Stalled(write_timeout))??;
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         if written == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());

@@ -1121,10 +1121,12 @@ impl Actor {
             self.shared.subscribed.lock().extend(new);
             self.shared.confirmed.notify_waiters();
         }
-        let now = Instant::now();
+        // Lingers ending within a tenth of the linger from now go in the same UNSUBSCRIBE: a
+        // burst of removes spread over a few milliseconds is one command, not one per wake-up.
+        let horizon = Instant::now() + self.config.linger / 10;
         let mut due = Vec::new();
         while let Some((at, _)) = self.linger_queue.front() {
-            if *at > now {
+            if *at > horizon {
                 break;
             }
             let Some((at, channel)) = self.linger_queue.pop_front() else {
