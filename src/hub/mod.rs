@@ -221,9 +221,6 @@ impl Hub {
                 TRAFFIC.sent(kind, 1, payload as u64);
             }
         }
-        let conn = Arc::clone(&sub.conn);
-        drop(subs);
-        conn.outbound.flush();
         queued
     }
 
@@ -262,8 +259,7 @@ impl Hub {
         // Metrics are added up here and recorded once after the loop (see `crate::metrics`).
         let payload_len = crate::metrics::frame_payload_len(publication.frame.plain());
         let mut queued = 0u64;
-        // Written after the topic's lock is released (see `Outbound::push_deferred`).
-        let mut to_flush: Vec<Arc<Connection>> = Vec::with_capacity(subs.len());
+        let mut last_queued: Option<&Connection> = None;
         for sub in subs.values() {
             if let (Some((epoch, floor)), Some(seq), Some(e)) =
                 (&sub.floor, publication.seq, &publication.epoch)
@@ -307,17 +303,13 @@ impl Hub {
                 None if self.queue_publication(&sub.conn, publication, frame) => {
                     delivery.delivered += 1;
                     queued += 1;
-                    to_flush.push(Arc::clone(&sub.conn));
+                    last_queued = Some(&sub.conn);
                 }
                 None => delivery.dropped += 1,
             }
         }
-        drop(subs);
-        if let Some(conn) = to_flush.last() {
+        if let Some(conn) = last_queued {
             conn.outbound.probe(publication.received_at);
-        }
-        for conn in &to_flush {
-            conn.outbound.flush();
         }
         TRAFFIC.publications.add(1);
         TRAFFIC.deliveries.add(delivery.delivered as u64);
@@ -325,10 +317,9 @@ impl Hub {
         delivery
     }
 
-    /// Queues one recipient's frame of `publication` without writing it (the caller flushes the
-    /// connection); a `requireAck` one is recorded as pending for the connection first (so that
-    /// a fast ack always finds it) and forgotten again if the queue refuses it. Returns whether
-    /// the queue took it.
+    /// Queues one recipient's frame of `publication`; a `requireAck` one is recorded as
+    /// pending for the connection first (so that a fast ack always finds it) and forgotten
+    /// again if the queue refuses it. Returns whether the queue took it.
     fn queue_publication(
         &self,
         conn: &Connection,
@@ -336,11 +327,11 @@ impl Hub {
         frame: Bytes,
     ) -> bool {
         if !publication.require_ack {
-            return conn.outbound.push_deferred(frame).is_ok();
+            return conn.outbound.push(frame).is_ok();
         }
         self.acks
             .record(conn.id, &conn.outbound, &publication.id, frame.clone());
-        let queued = conn.outbound.push_deferred(frame).is_ok();
+        let queued = conn.outbound.push(frame).is_ok();
         if !queued {
             // Closing or cut off as a slow consumer: nothing it owes will be re-sent.
             self.acks.forget(conn.id);

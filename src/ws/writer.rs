@@ -1,12 +1,9 @@
 //! A connection's outbound side: a queue of complete frames bounded in bytes, and the writer task
 //! that drains it.
 //!
-//! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. When nothing is
-//! queued or in flight, a push writes the frame to the socket itself with a non-blocking
-//! `try_write`: the usual case of paced fan-out then costs one syscall and no task wake-up. What
-//! the socket does not take at once is queued, and the writer task takes everything queued at
-//! once and writes it with vectored writes, so a burst of publications costs one syscall per
-//! connection rather than one per frame. Bytes count against the bound from the
+//! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. The writer takes
+//! everything queued at once and writes it with vectored writes, so a burst of publications costs
+//! one syscall per connection rather than one per frame. Bytes count against the bound from the
 //! moment they are queued until the kernel has accepted them; a push that would pass the bound
 //! marks the connection a slow consumer: its queue is dropped and it gets a `disconnect` notice
 //! and close 4008, while every other connection goes on untouched.
@@ -63,9 +60,6 @@ struct QueueState {
     close_code: Option<u16>,
     /// The writer took `closing` and is writing the farewell: nothing may follow it.
     ending: bool,
-    /// The socket, while the writer runs: pushes write to it directly when nothing is queued
-    /// or in flight (under this lock, so their bytes never interleave with the writer's).
-    socket: Option<Arc<OwnedWriteHalf>>,
     /// Set once the writer has finished; pushes after that fail.
     finished: bool,
     /// Bytes ever queued, and ever written: positions in the connection's outbound stream.
@@ -77,44 +71,6 @@ struct QueueState {
 }
 
 impl QueueState {
-    /// Counts `written` bytes from the front of the queue as out (written by a push or a
-    /// flush, outside the writer): fully written frames leave it, a partly written one is
-    /// trimmed in place. Returns the fan-out latency sample those bytes completed, if any.
-    fn account_written(&mut self, written: usize) -> Option<StdInstant> {
-        if written == 0 {
-            return None;
-        }
-        TRAFFIC.sent_bytes.add(written as u64);
-        let mut left = written;
-        while left > 0 {
-            let Some(front) = self.frames.front_mut() else {
-                break;
-            };
-            if left >= front.len() {
-                left -= front.len();
-                self.frames.pop_front();
-            } else {
-                *front = front.slice(left..);
-                left = 0;
-            }
-        }
-        self.written_out(written)
-    }
-
-    /// `n` bytes left for the kernel: they leave the bound, and a latency sample whose frame
-    /// they completed is returned.
-    fn written_out(&mut self, n: usize) -> Option<StdInstant> {
-        self.bytes -= n;
-        self.written += n as u64;
-        match self.probe {
-            Some((received, end)) if self.written >= end => {
-                self.probe = None;
-                Some(received)
-            }
-            _ => None,
-        }
-    }
-
     /// Drops every queued frame and its bytes (bytes already taken by the writer stay counted
     /// until they are written).
     fn discard_queued(&mut self) {
@@ -140,63 +96,8 @@ impl Outbound {
         })
     }
 
-    /// Queues one frame, or writes it at once when nothing is queued or in flight. Over the
-    /// bound, the connection is closed as a slow consumer.
+    /// Queues one frame. Over the bound, the connection is closed as a slow consumer.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
-        self.push_frame(frame, true)
-    }
-
-    /// Queues one frame without writing or waking the writer: the caller calls
-    /// [`Outbound::flush`] afterwards. A fan-out queues to every subscriber under the topic's
-    /// lock and writes after releasing it, so subscribes to that topic never wait on syscalls.
-    pub fn push_deferred(&self, frame: Bytes) -> Result<(), PushError> {
-        self.push_frame(frame, false)
-    }
-
-    /// Writes what [`Outbound::push_deferred`] queued: directly when the writer has nothing in
-    /// flight, else by waking it.
-    pub fn flush(&self) {
-        let st = self.state.lock();
-        if !st.frames.is_empty() {
-            self.write_or_wake(st);
-        }
-    }
-
-    /// Writes the queue to the socket with one non-blocking write when the writer has nothing
-    /// in flight (under the lock, so nothing interleaves); whatever the socket does not take
-    /// (full, or failed: the writer then meets the error and ends) is left to the writer.
-    fn write_or_wake(&self, mut st: parking_lot::MutexGuard<'_, QueueState>) {
-        let queued: usize = st.frames.iter().map(Bytes::len).sum();
-        let idle = st.bytes == queued && st.closing.is_none() && !st.ending;
-        if let (true, Some(socket)) = (idle, st.socket.clone()) {
-            let written = if st.frames.len() == 1 {
-                socket.try_write(&st.frames[0])
-            } else {
-                let slices: Vec<IoSlice<'_>> = st
-                    .frames
-                    .iter()
-                    .take(MAX_IOVECS)
-                    .map(|b| IoSlice::new(b))
-                    .collect();
-                socket.try_write_vectored(&slices)
-            }
-            .unwrap_or(0);
-            let sample = st.account_written(written);
-            let done = st.frames.is_empty();
-            drop(st);
-            if let Some(received) = sample {
-                crate::metrics::fanout_latency(received.elapsed());
-            }
-            if done {
-                return;
-            }
-        } else {
-            drop(st);
-        }
-        self.wake.notify_one();
-    }
-
-    fn push_frame(&self, frame: Bytes, write_now: bool) -> Result<(), PushError> {
         let mut st = self.state.lock();
         if st.closing.is_some() || st.ending || st.finished {
             return Err(PushError::Closed);
@@ -217,9 +118,8 @@ impl Outbound {
         st.bytes += frame.len();
         st.pushed += frame.len() as u64;
         st.frames.push_back(frame);
-        if write_now {
-            self.write_or_wake(st);
-        }
+        drop(st);
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -352,31 +252,25 @@ pub enum WriterError {
 /// WebSocket ping every `ping_every` (if set) so that idle clients answer with a pong.
 pub async fn run(
     outbound: Arc<Outbound>,
-    socket: OwnedWriteHalf,
+    mut socket: OwnedWriteHalf,
     write_timeout: Duration,
     ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
-    let socket = Arc::new(socket);
-    outbound.state.lock().socket = Some(Arc::clone(&socket));
-    let result = drain_loop(&outbound, &socket, write_timeout, ping_every).await;
+    let result = drain_loop(&outbound, &mut socket, write_timeout, ping_every).await;
     {
         let mut st = outbound.state.lock();
         st.finished = true;
         st.frames.clear();
         st.bytes = 0;
-        st.socket = None;
     }
-    // Half-close so the peer sees the end even if it never answers our close frame (the
-    // queue's handle is gone, so this is the only one left).
-    if let Ok(mut socket) = Arc::try_unwrap(socket) {
-        let _ = socket.shutdown().await;
-    }
+    // Half-close so the peer sees the end even if it never answers our close frame.
+    let _ = socket.shutdown().await;
     result
 }
 
 async fn drain_loop(
     outbound: &Outbound,
-    socket: &OwnedWriteHalf,
+    socket: &mut OwnedWriteHalf,
     write_timeout: Duration,
     ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
@@ -416,7 +310,18 @@ async fn drain_loop(
         // a client that keeps reading is never cut off because one large batch is in flight.
         write_all(socket, &mut batch, write_timeout, |n| {
             TRAFFIC.sent_bytes.add(n as u64);
-            let sample = outbound.state.lock().written_out(n);
+            let sample = {
+                let mut st = outbound.state.lock();
+                st.bytes -= n;
+                st.written += n as u64;
+                match st.probe {
+                    Some((received, end)) if st.written >= end => {
+                        st.probe = None;
+                        Some(received)
+                    }
+                    _ => None,
+                }
+            };
             if let Some(received) = sample {
                 crate::metrics::fanout_latency(received.elapsed());
             }
@@ -441,7 +346,7 @@ async fn drain_loop(
 /// `on_written` hears how many bytes each write got out. A write is tried first and only a full
 /// socket is waited on (with `write_timeout`), so no timer is set up while the socket has room.
 async fn write_all(
-    socket: &OwnedWriteHalf,
+    socket: &mut OwnedWriteHalf,
     frames: &mut Vec<Bytes>,
     write_timeout: Duration,
     mut on_written: impl FnMut(usize),
