@@ -507,14 +507,19 @@ mod tests {
         Publication::from_meta("busy", &meta, &data)
     }
 
+    /// A hub with one connection recovering its subscription to `busy`.
+    fn recovering_subscriber() -> (Arc<Hub>, Arc<Connection>) {
+        let hub = Hub::new();
+        let conn = connection(&hub);
+        hub.subscribe_recovering(&Arc::from("busy"), &conn, &SubscriptionOptions::default());
+        (hub, conn)
+    }
+
     /// A recovering subscription holds up to MAX_HELD_DURING_RECOVERY live publications; the
     /// one after that makes it a slow consumer (close 4008) instead of buffering without end.
     #[test]
     fn a_recovery_holds_up_to_its_limit_then_is_a_slow_consumer() {
-        let hub = Hub::new();
-        let conn = connection(&hub);
-        let topic: Arc<str> = Arc::from("busy");
-        hub.subscribe_recovering(&topic, &conn, &SubscriptionOptions::default());
+        let (hub, conn) = recovering_subscriber();
         for seq in 1..=MAX_HELD_DURING_RECOVERY as u64 {
             let d = hub.deliver(&publication(seq));
             assert_eq!((d.delivered, d.dropped), (1, 0), "publication {seq} held");
@@ -532,25 +537,13 @@ mod tests {
     /// finishes.
     #[test]
     fn held_publications_follow_the_replay() {
-        let hub = Hub::new();
-        let conn = connection(&hub);
-        let topic: Arc<str> = Arc::from("busy");
-        hub.subscribe_recovering(&topic, &conn, &SubscriptionOptions::default());
+        let (hub, conn) = recovering_subscriber();
         for seq in 3..=5 {
             hub.deliver(&publication(seq));
         }
         // History replays 1..=4; the held 3 and 4 are already in it.
         let replay = (1..=4).map(publication).collect();
         assert_eq!(hub.finish_recovery("busy", conn.id, replay), 5);
-        let frames = conn.outbound.drain_for_test();
-        let seqs: Vec<u64> = frames
-            .iter()
-            .map(|f| {
-                let text = std::str::from_utf8(crate::ws::frame::payload_of(f)).expect("utf8");
-                let v: serde_json::Value = serde_json::from_str(text).expect("json");
-                v["seq"].as_u64().expect("seq")
-            })
-            .collect();
-        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert_eq!(conn.outbound.queued_seqs(), [1, 2, 3, 4, 5]);
     }
 }

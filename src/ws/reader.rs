@@ -61,12 +61,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Bytes read and not handed out yet (0 for an idle connection).
-    pub fn buffered(&self) -> usize {
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.buf.len()
     }
 
     /// Capacity of the buffer (0 for an idle connection: nothing is held between frames).
-    pub fn capacity(&self) -> usize {
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
         self.buf.capacity()
     }
 

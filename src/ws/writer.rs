@@ -157,6 +157,19 @@ impl Outbound {
         self.state.lock().close_code
     }
 
+    /// Takes every queued frame and returns the `seq` of each publication among them (unit
+    /// tests of fan-out, recovery and gap filling read a queue without a writer).
+    #[cfg(test)]
+    pub fn queued_seqs(&self) -> Vec<u64> {
+        self.drain_for_test()
+            .iter()
+            .filter_map(|frame| {
+                let v: serde_json::Value = serde_json::from_slice(frame::payload_of(frame)).ok()?;
+                v["seq"].as_u64()
+            })
+            .collect()
+    }
+
     /// Takes every queued frame (unit tests read a queue without a writer).
     #[cfg(test)]
     pub fn drain_for_test(&self) -> Vec<Bytes> {

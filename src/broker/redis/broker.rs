@@ -374,18 +374,16 @@ impl Broker for RedisBroker {
     }
 
     async fn await_subscribed(&self, topic: &str, timeout: std::time::Duration) -> bool {
-        let channel = keys::topic_channel(topic);
         self.shard_for(topic)
             .subscriber
-            .wait_subscribed(&channel, timeout)
+            .wait_subscribed(&keys::topic_channel(topic), timeout)
             .await
     }
 
     async fn await_user_subscribed(&self, user: &str, timeout: std::time::Duration) -> bool {
-        let channel = keys::user_channel(user);
         self.shard_for(user)
             .subscriber
-            .wait_subscribed(&channel, timeout)
+            .wait_subscribed(&keys::user_channel(user), timeout)
             .await
     }
 

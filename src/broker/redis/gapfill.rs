@@ -276,15 +276,7 @@ mod tests {
     }
 
     fn delivered(outbound: &Outbound) -> Vec<u64> {
-        outbound
-            .drain_for_test()
-            .iter()
-            .filter_map(|frame| {
-                let payload = crate::ws::frame::payload_of(frame);
-                let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-                v["seq"].as_u64()
-            })
-            .collect()
+        outbound.queued_seqs()
     }
 
     #[tokio::test]
