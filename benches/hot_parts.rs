@@ -37,6 +37,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 
 use wsgate::hub::{Hub, Publication, SharedFrame};
 use wsgate::protocol::filter::{options_per_topic, Filter};
+use wsgate::ws::flusher::Flushers;
 use wsgate::ws::writer::{self, Outbound};
 use wsgate::ws::{deflate, frame};
 
@@ -131,12 +132,13 @@ fn queueing(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
+    // The node's flushers write on the fast path; the writer task takes a full socket.
+    let flushers = rt.block_on(async { Flushers::start() });
     for batch in [1u64, 32] {
         let (socket, got) = loopback_pair(&rt);
-        let q = Outbound::new(1 << 40);
+        let q = Outbound::for_socket(1 << 40, socket, flushers.assign());
         let writer = rt.spawn(writer::run(
             Arc::clone(&q),
-            socket,
             Duration::from_secs(10),
             Some(Duration::from_secs(25)),
         ));

@@ -6,8 +6,10 @@
 #   CONNECTIONS=2000 RATE=10 DURATION=10 loadtest/compare.sh
 #   TARGETS="wsgate nchan" MODES=off loadtest/compare.sh
 #
-# For each target and each compression mode (MODES: off = no permessage-deflate offered, on =
-# offered and required), on a fresh Redis: two nodes sharing that Redis, CONNECTIONS subscribers
+# For each target and each mode (MODES: off = paced, no permessage-deflate offered; on = paced,
+# offered and required; burst = no deflate, BURST_SIZE publications back to back once a second
+# for DURATION/2 seconds, so a server that drains a connection's whole queue in one vectored
+# write can batch, where paced fan-out is one frame per write for every server), on a fresh Redis: two nodes sharing that Redis, CONNECTIONS subscribers
 # on one topic split evenly over the two nodes, publications of a SIZE-byte JSON `data` at RATE
 # per second for DURATION seconds (BURST back to back per tick) posted over HTTP to the first
 # node, so half of every fan-out crosses Redis to the other node. The generator
@@ -37,9 +39,10 @@ CONNECTIONS=${CONNECTIONS:-10000}
 SIZE=${SIZE:-100}
 RATE=${RATE:-5}
 BURST=${BURST:-1}
+BURST_SIZE=${BURST_SIZE:-32}
 DURATION=${DURATION:-20}
 TARGETS=${TARGETS:-"wsgate socketio nchan"}
-MODES=${MODES:-"off on"}
+MODES=${MODES:-"off on burst"}
 PIN=${PIN:-1}
 PEERS_DIR=${PEERS_DIR:-target/loadtest-peers/socketio}
 OUT=${OUT:-target/loadtest/compare-$(date +%Y%m%d-%H%M%S)}
@@ -134,6 +137,14 @@ start_nodes() {
     for t in $TARGETS; do echo "$t: $(versions "$t")"; done
 } | tee "$OUT/header.txt"
 
+# The loopback write floor, same run: what one write per frame, and 32 frames per writev, cost
+# any server here (loadtest/tools/send_floor.c, unpinned).
+if command -v cc >/dev/null; then
+    cc -O2 -o "$OUT/send_floor" loadtest/tools/send_floor.c
+    "$OUT/send_floor" "$CONNECTIONS" 20 1 | sed 's/^/floor, one write per frame: /' | tee -a "$OUT/header.txt"
+    "$OUT/send_floor" "$CONNECTIONS" 4 32 | sed 's/^/floor, 32 frames per writev: /' | tee -a "$OUT/header.txt"
+fi
+
 for mode in $MODES; do
     files=()
     for t in $TARGETS; do
@@ -145,9 +156,12 @@ for mode in $MODES; do
         say "$t, compression $mode: nodes $NODE_PORTS (pids $NODE_PIDS), redis pid $REDIS_PID"
         comp=()
         [ "$mode" = on ] && comp=(--compression)
+        pace=(--rate "$RATE" --burst "$BURST" --duration "$DURATION")
+        [ "$mode" = burst ] && pace=(--rate "$BURST_SIZE" --burst "$BURST_SIZE" \
+            --duration "$((DURATION / 2))")
         generator run --target "$t" --scenario fanout --ws "$NODE_PORTS" \
             --http "${NODE_PORTS%%,*}" --connections "$CONNECTIONS" --size "$SIZE" \
-            --rate "$RATE" --burst "$BURST" --duration "$DURATION" "${comp[@]}" \
+            "${pace[@]}" "${comp[@]}" \
             --pid "$NODE_PIDS" --aux-pid "$REDIS_PID" --label "$t" \
             --json "$dir/result.json" | tee "$dir/table.txt" || true
         stop_all
@@ -156,7 +170,11 @@ for mode in $MODES; do
     done
     {
         echo
-        echo "compression $mode (ratios: value / wsgate's):"
+        case $mode in
+            off) echo "paced, compression off (ratios: value / wsgate's):" ;;
+            on) echo "paced, compression on (ratios: value / wsgate's):" ;;
+            burst) echo "bursts of $BURST_SIZE, compression off (ratios: value / wsgate's):" ;;
+        esac
         "$LOADGEN_BIN" compare "${files[@]}"
     } | tee "$OUT/compare-$mode.md"
 done

@@ -69,6 +69,9 @@ pub const RECEIVED_PAYLOAD_BYTES: &str = "wsgate_received_payload_bytes_total";
 /// Counter: bytes written to client sockets: frames as they crossed the wire (after
 /// compression), control frames included.
 pub const SENT_BYTES: &str = "wsgate_sent_bytes_total";
+/// Counter: `write`/`writev` calls that put bytes on client sockets. [`SENT_BYTES`] or
+/// [`MESSAGES_SENT`] over it is how well writes are batched.
+pub const SOCKET_WRITES: &str = "wsgate_socket_writes_total";
 /// Counter: payload bytes of the messages counted in [`MESSAGES_SENT`], before compression.
 pub const SENT_PAYLOAD_BYTES: &str = "wsgate_sent_payload_bytes_total";
 /// Counter: publications fanned out by this node (local or from Redis) to at least one local
@@ -206,6 +209,10 @@ fn describe() {
         SENT_BYTES,
         Unit::Bytes,
         "Bytes written to client sockets (frames as on the wire, compressed)"
+    );
+    describe_counter!(
+        SOCKET_WRITES,
+        "Write calls that put bytes on client sockets (one may carry many frames)"
     );
     describe_counter!(
         SENT_PAYLOAD_BYTES,
@@ -413,6 +420,7 @@ pub struct Traffic {
     pub received_bytes: Hot,
     pub received_payload_bytes: Hot,
     pub sent_bytes: Hot,
+    pub socket_writes: Hot,
     pub sent_payload_bytes: Hot,
     pub publications: Hot,
     pub deliveries: Hot,
@@ -429,6 +437,7 @@ pub static TRAFFIC: Traffic = Traffic {
     received_bytes: Hot::new(),
     received_payload_bytes: Hot::new(),
     sent_bytes: Hot::new(),
+    socket_writes: Hot::new(),
     sent_payload_bytes: Hot::new(),
     publications: Hot::new(),
     deliveries: Hot::new(),
@@ -484,10 +493,11 @@ impl Traffic {
             metrics::counter!(MESSAGES_SENT, "type" => kind.label())
                 .absolute(self.sent_count(*kind));
         }
-        let plain: [(&'static str, &Hot); 8] = [
+        let plain: [(&'static str, &Hot); 9] = [
             (RECEIVED_BYTES, &self.received_bytes),
             (RECEIVED_PAYLOAD_BYTES, &self.received_payload_bytes),
             (SENT_BYTES, &self.sent_bytes),
+            (SOCKET_WRITES, &self.socket_writes),
             (SENT_PAYLOAD_BYTES, &self.sent_payload_bytes),
             (PUBLICATIONS, &self.publications),
             (DELIVERIES, &self.deliveries),

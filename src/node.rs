@@ -29,6 +29,7 @@ use crate::hub::{Connection, Hub};
 use crate::limits::peer::PeerLimits;
 use crate::limits::ConnectionSlots;
 use crate::protocol::codes::CloseCode;
+use crate::ws::flusher::Flushers;
 
 /// How long shutdown waits for connections to take their close frames.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -50,6 +51,8 @@ pub struct NodeContext {
     pub slots: Arc<ConnectionSlots>,
     /// Connection limits per client address and per user.
     pub peers: Arc<PeerLimits>,
+    /// Write connections' queues after fan-out (see `ws::flusher`).
+    pub flushers: Flushers,
     pub started_at: Instant,
     shutting_down: AtomicBool,
 }
@@ -135,6 +138,7 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
         settings,
         hub,
         broker,
+        flushers: Flushers::start(),
         started_at: Instant::now(),
         shutting_down: AtomicBool::new(false),
     });

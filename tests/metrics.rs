@@ -454,6 +454,23 @@ async fn counters_move_by_exactly_what_the_traffic_did() {
     })
     .await;
 
+    // Every frame the clients got went out in some write, and a write carries one frame or
+    // more: at least one write, at most one per message plus one per close frame (no pings
+    // within the 60 s heartbeat).
+    let messages: u64 = seen.down_types.values().sum();
+    let writes = after
+        .get("wsgate_socket_writes_total")
+        .copied()
+        .unwrap_or(0.0)
+        - before
+            .get("wsgate_socket_writes_total")
+            .copied()
+            .unwrap_or(0.0);
+    assert!(
+        writes >= 1.0 && writes <= (messages + 8) as f64,
+        "{writes} socket writes for {messages} messages and 8 close frames"
+    );
+
     // Gauges of this node, and the fan-out latency samples (one per publication at most).
     let text = scrape(addr).await;
     assert_eq!(

@@ -2,8 +2,8 @@
 //! the token's lifetime, and leaving.
 //!
 //! The session owns the read half ([`FrameReader`] over [`FrameGuard`]); the write half belongs
-//! to the connection's writer task ([`writer::run`]), which the session feeds through the
-//! connection's [`Outbound`] queue like every other producer. The session reassembles
+//! to the connection's [`Outbound`] queue (written by the node's flusher and the connection's
+//! writer task, [`writer::run`]), which the session feeds like every other producer. The session reassembles
 //! fragmented messages, applies the per-message limits (size, UTF-8, idle time, token expiry),
 //! and hands each complete text message to `dispatch`. It never serializes a publication
 //! itself.
@@ -123,10 +123,10 @@ pub async fn run(ctx: Arc<NodeContext>, start: SessionStart) {
     // Dropped last, when everything below is done: the address and user get their place back.
     let _peer_permits = start.peer_permits;
     let (read_half, write_half) = start.stream.into_split();
-    let outbound = Outbound::new(settings.send_queue_bytes);
+    let outbound =
+        Outbound::for_socket(settings.send_queue_bytes, write_half, ctx.flushers.assign());
     let mut writer = tokio::spawn(writer::run(
         Arc::clone(&outbound),
-        write_half,
         settings.write_timeout,
         (!echo).then_some(settings.heartbeat_interval),
     ));

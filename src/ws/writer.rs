@@ -1,25 +1,28 @@
-//! A connection's outbound side: a queue of complete frames bounded in bytes, and the writer task
-//! that drains it.
+//! A connection's outbound side: a queue of complete frames bounded in bytes, and who writes it.
 //!
-//! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. The writer takes
-//! everything queued at once and writes it with vectored writes, so a burst of publications costs
-//! one syscall per connection rather than one per frame. Bytes count against the bound from the
-//! moment they are queued until the kernel has accepted them; a push that would pass the bound
-//! marks the connection a slow consumer: its queue is dropped and it gets a `disconnect` notice
-//! and close 4008, while every other connection goes on untouched.
+//! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. Writing takes
+//! everything queued at once and sends it with vectored writes, so a burst of publications costs
+//! one syscall per connection rather than one per frame. Two parties write, never at once (the
+//! [`Turn`], decided under the queue's lock): on the fast path the node's flusher
+//! (`ws::flusher`), which a push onto an idle queue schedules and which only ever tries a write;
+//! and the connection's own writer task ([`run`]), which takes over when the socket is full (it
+//! waits for room under the write timeout), sends pings, and writes the farewell when the
+//! connection closes. Bytes count against the bound from the moment they are queued until the
+//! kernel has accepted them; a push that would pass the bound marks the connection a slow
+//! consumer: its queue is dropped and it gets a `disconnect` notice and close 4008, while every
+//! other connection goes on untouched.
 
-use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::flusher::Flusher;
 use super::frame;
 use crate::metrics::{Sent, TRAFFIC};
 use crate::protocol::codes::CloseCode;
@@ -50,11 +53,28 @@ struct Closing {
     notice: bool,
 }
 
+/// Who may write to the socket right now. Changed only under the queue's lock, so the flusher
+/// and the writer task never write at once, and frames leave in the order they were queued.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Turn {
+    /// Nothing queued, nobody writing: the next push schedules the flusher.
+    #[default]
+    Idle,
+    /// On the flusher's list, or being written by it.
+    Flusher,
+    /// The writer task: the socket was full, a write failed, or the connection is closing.
+    Writer,
+}
+
 #[derive(Default)]
 struct QueueState {
-    frames: VecDeque<Bytes>,
-    /// Bytes queued plus bytes taken by the writer and not yet written.
+    frames: Vec<Bytes>,
+    /// Bytes queued plus bytes taken by a writer and not yet written.
     bytes: usize,
+    turn: Turn,
+    /// The socket, while the connection lives (`None` for a queue without one, in unit tests,
+    /// and once the writer task has ended). Whoever has the turn writes to a clone of it.
+    socket: Option<Arc<OwnedWriteHalf>>,
     closing: Option<Closing>,
     /// The code of the close the server decided on, once one was asked for (the first wins).
     close_code: Option<u16>,
@@ -71,28 +91,65 @@ struct QueueState {
 }
 
 impl QueueState {
-    /// Drops every queued frame and its bytes (bytes already taken by the writer stay counted
+    /// Drops every queued frame and its bytes (bytes already taken by a writer stay counted
     /// until they are written).
     fn discard_queued(&mut self) {
         let dropped: usize = self.frames.drain(..).map(|f| f.len()).sum();
         self.bytes -= dropped;
     }
+
+    /// Accounts `n` bytes as written; returns a latency sample that they completed.
+    fn wrote(&mut self, n: usize) -> Option<StdInstant> {
+        self.bytes -= n;
+        self.written += n as u64;
+        match self.probe {
+            Some((received, end)) if self.written >= end => {
+                self.probe = None;
+                Some(received)
+            }
+            _ => None,
+        }
+    }
 }
 
-/// The producer side of one connection's queue, shared by the hub and the session.
+/// The producer side of one connection's queue, shared by the hub, the session, the flusher
+/// and the writer task.
 pub struct Outbound {
     state: Mutex<QueueState>,
+    /// Wakes the writer task: its turn came, or a close was asked for.
     wake: Notify,
     limit: usize,
+    flusher: Option<Flusher>,
+    /// This queue itself, for scheduling it with the flusher from `push(&self)`.
+    me: Weak<Outbound>,
 }
 
 impl Outbound {
-    /// A queue that holds at most `limit_bytes` (queued and in flight together).
+    /// A queue without a socket that holds at most `limit_bytes` (unit tests read it).
     pub fn new(limit_bytes: usize) -> Arc<Self> {
-        Arc::new(Outbound {
-            state: Mutex::new(QueueState::default()),
+        Self::build(limit_bytes, None, None)
+    }
+
+    /// The queue of a connection: `flusher` writes it on the fast path, and [`run`] (which
+    /// must be started for it) does the rest.
+    pub fn for_socket(limit_bytes: usize, socket: OwnedWriteHalf, flusher: Flusher) -> Arc<Self> {
+        Self::build(limit_bytes, Some(Arc::new(socket)), Some(flusher))
+    }
+
+    fn build(
+        limit: usize,
+        socket: Option<Arc<OwnedWriteHalf>>,
+        flusher: Option<Flusher>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Outbound {
+            state: Mutex::new(QueueState {
+                socket,
+                ..QueueState::default()
+            }),
             wake: Notify::new(),
-            limit: limit_bytes,
+            limit,
+            flusher,
+            me: me.clone(),
         })
     }
 
@@ -117,10 +174,110 @@ impl Outbound {
         }
         st.bytes += frame.len();
         st.pushed += frame.len() as u64;
-        st.frames.push_back(frame);
+        st.frames.push(frame);
+        // Only the push that finds the queue idle schedules a write; the rest of a burst joins
+        // it (no wake-up per frame).
+        let schedule = st.turn == Turn::Idle;
+        if schedule {
+            st.turn = Turn::Flusher;
+        }
         drop(st);
-        self.wake.notify_one();
+        if schedule {
+            self.schedule();
+        }
         Ok(())
+    }
+
+    /// Gives the flusher's turn (just taken by the caller) to the flusher, or to the writer task
+    /// when there is no flusher to take it.
+    fn schedule(&self) {
+        let scheduled = match (&self.flusher, self.me.upgrade()) {
+            (Some(flusher), Some(me)) => flusher.schedule(me),
+            _ => false,
+        };
+        if !scheduled {
+            self.state.lock().turn = Turn::Writer;
+            self.wake.notify_one();
+        }
+    }
+
+    /// The flusher's turn: tries to write everything queued, without waiting. Returns the
+    /// queue when more was pushed meanwhile (the caller schedules it again); hands the turn to
+    /// the writer task when the socket is full, a write fails, or a close was asked for.
+    /// `scratch` is the flusher's spare vector (left empty).
+    pub(super) fn flush(&self, scratch: &mut Vec<Bytes>) -> Option<Arc<Outbound>> {
+        let socket = {
+            let mut st = self.state.lock();
+            if st.turn != Turn::Flusher {
+                return None;
+            }
+            let socket = match &st.socket {
+                Some(socket) if st.closing.is_none() => Arc::clone(socket),
+                _ => {
+                    drop(st);
+                    self.hand_to_writer();
+                    return None;
+                }
+            };
+            std::mem::swap(&mut st.frames, scratch);
+            socket
+        };
+        let mut first = 0;
+        let mut written = 0;
+        let mut writes = 0;
+        while first < scratch.len() {
+            match try_write_frames(&socket, &scratch[first..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    written += n;
+                    writes += 1;
+                    first = advance(scratch, first, n);
+                }
+            }
+        }
+        // The writer task must hold the last clone of the socket when it ends (dropping it is
+        // the shutdown), so this one goes before the turn does.
+        drop(socket);
+        TRAFFIC.sent_bytes.add(written as u64);
+        TRAFFIC.socket_writes.add(writes);
+        let mut st = self.state.lock();
+        let sample = st.wrote(written);
+        let result = if first < scratch.len() {
+            // Full socket, or a failed write (the writer task meets the error itself): the
+            // unwritten frames go back in front of whatever was queued meanwhile.
+            scratch.drain(..first);
+            scratch.append(&mut st.frames);
+            std::mem::swap(&mut st.frames, scratch);
+            st.turn = Turn::Writer;
+            drop(st);
+            self.wake.notify_one();
+            None
+        } else if st.closing.is_some() {
+            st.turn = Turn::Writer;
+            drop(st);
+            self.wake.notify_one();
+            None
+        } else if st.frames.is_empty() {
+            st.turn = Turn::Idle;
+            None
+        } else {
+            drop(st);
+            self.me.upgrade()
+        };
+        scratch.clear();
+        if scratch.capacity() > MAX_IOVECS {
+            // One connection's backlog should not stay with the flusher for good.
+            *scratch = Vec::new();
+        }
+        if let Some(received) = sample {
+            crate::metrics::fanout_latency(received.elapsed());
+        }
+        result
+    }
+
+    fn hand_to_writer(&self) {
+        self.state.lock().turn = Turn::Writer;
+        self.wake.notify_one();
     }
 
     /// Queues one server message (a plain frame the server built: a reply, an error, a notice)
@@ -170,11 +327,24 @@ impl Outbound {
             .collect()
     }
 
+    /// The writer task has the turn (the socket filled up, or the connection is closing).
+    #[cfg(test)]
+    pub fn writer_has_turn(&self) -> bool {
+        self.state.lock().turn == Turn::Writer
+    }
+
+    /// Nothing queued or in flight, and nobody's turn.
+    #[cfg(test)]
+    pub fn is_idle(&self) -> bool {
+        let st = self.state.lock();
+        st.turn == Turn::Idle && st.bytes == 0
+    }
+
     /// Takes every queued frame (unit tests read a queue without a writer).
     #[cfg(test)]
     pub fn drain_for_test(&self) -> Vec<Bytes> {
         let mut st = self.state.lock();
-        let frames: Vec<Bytes> = st.frames.drain(..).collect();
+        let frames = std::mem::take(&mut st.frames);
         st.bytes -= frames.iter().map(Bytes::len).sum::<usize>();
         frames
     }
@@ -261,29 +431,37 @@ pub enum WriterError {
     Stalled(Duration),
 }
 
-/// Drains `outbound` into `socket` until a close is written or the socket fails, and sends a
-/// WebSocket ping every `ping_every` (if set) so that idle clients answer with a pong.
+/// The connection's writer task: writes whenever the turn is its own (see [`Turn`]) until a
+/// close is written or the socket fails, and sends a WebSocket ping every `ping_every` (if set)
+/// so that idle clients answer with a pong. `outbound` must come from
+/// [`Outbound::for_socket`]; a queue without a socket ends it at once.
 pub async fn run(
     outbound: Arc<Outbound>,
-    mut socket: OwnedWriteHalf,
     write_timeout: Duration,
     ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
-    let result = drain_loop(&outbound, &mut socket, write_timeout, ping_every).await;
+    let socket = outbound.state.lock().socket.clone();
+    let result = match &socket {
+        Some(socket) => drain_loop(&outbound, socket, write_timeout, ping_every).await,
+        None => Ok(()),
+    };
     {
         let mut st = outbound.state.lock();
         st.finished = true;
+        st.turn = Turn::Writer;
         st.frames.clear();
         st.bytes = 0;
+        st.socket = None;
     }
-    // Half-close so the peer sees the end even if it never answers our close frame.
-    let _ = socket.shutdown().await;
+    // The last clone of the write half: dropping it shuts the write side down, so the peer sees
+    // the end even if it never answers our close frame.
+    drop(socket);
     result
 }
 
 async fn drain_loop(
     outbound: &Outbound,
-    socket: &mut OwnedWriteHalf,
+    socket: &OwnedWriteHalf,
     write_timeout: Duration,
     ping_every: Option<Duration>,
 ) -> Result<(), WriterError> {
@@ -293,8 +471,7 @@ async fn drain_loop(
     let mut next_ping = Instant::now() + period;
     let mut batch: Vec<Bytes> = Vec::new();
     // One timer for the connection's life, moved forward once per ping: waiting on a fresh
-    // `sleep_until` each time the queue runs dry would insert and remove a timer-wheel entry
-    // on every wake-up.
+    // `sleep_until` each time would insert and remove a timer-wheel entry on every wake-up.
     let ping_timer = tokio::time::sleep_until(next_ping);
     tokio::pin!(ping_timer);
     loop {
@@ -305,36 +482,31 @@ async fn drain_loop(
             next_ping = Instant::now() + period;
             ping_timer.as_mut().reset(next_ping);
         }
-        let closing = {
+        let taken = {
             let mut st = outbound.state.lock();
-            batch.extend(st.frames.drain(..));
-            let closing = st.closing.take();
-            st.ending |= closing.is_some();
-            closing
+            if st.turn == Turn::Idle && st.closing.is_some() {
+                st.turn = Turn::Writer;
+            }
+            (st.turn == Turn::Writer).then(|| {
+                std::mem::swap(&mut batch, &mut st.frames);
+                let closing = st.closing.take();
+                st.ending |= closing.is_some();
+                closing
+            })
         };
-        if batch.is_empty() && closing.is_none() {
+        let Some(closing) = taken else {
             tokio::select! {
                 _ = outbound.wake.notified() => {}
                 _ = &mut ping_timer => {}
             }
             continue;
-        }
+        };
         // Bytes leave the bound as the kernel takes them, not when the whole batch is out, so
         // a client that keeps reading is never cut off because one large batch is in flight.
         write_all(socket, &mut batch, write_timeout, |n| {
             TRAFFIC.sent_bytes.add(n as u64);
-            let sample = {
-                let mut st = outbound.state.lock();
-                st.bytes -= n;
-                st.written += n as u64;
-                match st.probe {
-                    Some((received, end)) if st.written >= end => {
-                        st.probe = None;
-                        Some(received)
-                    }
-                    _ => None,
-                }
-            };
+            TRAFFIC.socket_writes.add(1);
+            let sample = outbound.state.lock().wrote(n);
             if let Some(received) = sample {
                 crate::metrics::fanout_latency(received.elapsed());
             }
@@ -348,35 +520,66 @@ async fn drain_loop(
             }
             write_all(socket, &mut farewell, write_timeout, |n| {
                 TRAFFIC.sent_bytes.add(n as u64);
+                TRAFFIC.socket_writes.add(1);
             })
             .await?;
             return Ok(());
         }
+        // Back to the fast path once everything is out; otherwise write again.
+        let mut st = outbound.state.lock();
+        if st.frames.is_empty() && st.closing.is_none() {
+            st.turn = Turn::Idle;
+        }
     }
+}
+
+/// One write of as many of `frames` as one `writev` takes (a plain `write` for one frame: no
+/// slice list to build, the usual case of paced fan-out).
+fn try_write_frames(socket: &OwnedWriteHalf, frames: &[Bytes]) -> std::io::Result<usize> {
+    match frames {
+        [] => Ok(0),
+        [one] => socket.try_write(one),
+        _ => {
+            let slices: Vec<IoSlice<'_>> = frames[..frames.len().min(MAX_IOVECS)]
+                .iter()
+                .map(|b| IoSlice::new(b))
+                .collect();
+            socket.try_write_vectored(&slices)
+        }
+    }
+}
+
+/// Moves past the frames that `written` bytes (from `frames[first]` on) completed and trims a
+/// partly written one in place; returns the index of the first frame not fully written.
+fn advance(frames: &mut [Bytes], mut first: usize, written: usize) -> usize {
+    let mut left = written;
+    while left > 0 {
+        let len = frames[first].len();
+        if left >= len {
+            left -= len;
+            first += 1;
+        } else {
+            let rest = frames[first].slice(left..);
+            frames[first] = rest;
+            left = 0;
+        }
+    }
+    first
 }
 
 /// Writes every frame of `frames` with as few vectored writes as the kernel allows; empties it.
 /// `on_written` hears how many bytes each write got out. A write is tried first and only a full
 /// socket is waited on (with `write_timeout`), so no timer is set up while the socket has room.
 async fn write_all(
-    socket: &mut OwnedWriteHalf,
+    socket: &OwnedWriteHalf,
     frames: &mut Vec<Bytes>,
     write_timeout: Duration,
     mut on_written: impl FnMut(usize),
 ) -> Result<(), WriterError> {
     let mut first = 0;
     while first < frames.len() {
-        let end = frames.len().min(first + MAX_IOVECS);
         let written = loop {
-            let tried = if end - first == 1 {
-                // One frame (the usual case of paced fan-out): no slice list to allocate.
-                socket.try_write(&frames[first])
-            } else {
-                let slices: Vec<IoSlice<'_>> =
-                    frames[first..end].iter().map(|b| IoSlice::new(b)).collect();
-                socket.try_write_vectored(&slices)
-            };
-            match tried {
+            match try_write_frames(socket, &frames[first..]) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     tokio::time::timeout(write_timeout, socket.writable())
@@ -390,19 +593,7 @@ async fn write_all(
             return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
         }
         on_written(written);
-        // Advance past fully written frames; trim a partly written one in place.
-        let mut left = written;
-        while left > 0 {
-            let len = frames[first].len();
-            if left >= len {
-                left -= len;
-                first += 1;
-            } else {
-                let rest = frames[first].slice(left..);
-                frames[first] = rest;
-                left = 0;
-            }
-        }
+        first = advance(frames, first, written);
     }
     frames.clear();
     Ok(())
