@@ -157,8 +157,10 @@ mod tests {
     /// These tests read the process-wide write counter: one at a time.
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-    /// A connection's queue with its writer task started, and the client's end of the socket.
-    async fn connection(flushers: &Flushers) -> (Arc<Outbound>, TcpStream) {
+    /// A connection's queue with its writer task started, and the client's end of the socket
+    /// (the flushers must be kept alive).
+    async fn connection() -> (Flushers, Arc<Outbound>, TcpStream) {
+        let flushers = Flushers::start();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let client = TcpStream::connect(addr).await.expect("connect");
@@ -172,7 +174,17 @@ mod tests {
             Duration::from_secs(20),
             None,
         ));
-        (outbound, client)
+        (flushers, outbound, client)
+    }
+
+    /// Queues frames numbered `numbers` with `len`-byte payloads, with no await in between (so
+    /// only the first push schedules the flusher); returns them.
+    fn queue(outbound: &Outbound, numbers: std::ops::Range<u32>, len: usize) -> Vec<Bytes> {
+        let frames: Vec<Bytes> = numbers.map(|i| numbered_frame(i, len)).collect();
+        for f in &frames {
+            outbound.push(f.clone()).expect("queued");
+        }
+        frames
     }
 
     fn numbered_frame(i: u32, len: usize) -> Bytes {
@@ -203,14 +215,9 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn frames_queued_together_go_out_in_one_write() {
         let _serial = SERIAL.lock().await;
-        let flushers = Flushers::start();
-        let (outbound, mut client) = connection(&flushers).await;
-        let frames: Vec<Bytes> = (0..100).map(|i| numbered_frame(i, 100)).collect();
+        let (_flushers, outbound, mut client) = connection().await;
         let before = TRAFFIC.socket_writes.get();
-        // No await in between: only the first push schedules the flusher.
-        for f in &frames {
-            outbound.push(f.clone()).expect("queued");
-        }
+        let frames = queue(&outbound, 0..100, 100);
         let expected: Vec<u8> = frames.concat();
         assert_eq!(read_exactly(&mut client, expected.len()).await, expected);
         assert_eq!(TRAFFIC.socket_writes.get() - before, 1);
@@ -220,23 +227,16 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_socket_passes_to_the_writer_and_back_losing_nothing() {
         let _serial = SERIAL.lock().await;
-        let flushers = Flushers::start();
-        let (outbound, mut client) = connection(&flushers).await;
+        let (_flushers, outbound, mut client) = connection().await;
         // 32 MiB while the client reads nothing: far more than loopback socket buffers take,
         // so the flusher's write comes back short and the writer task must take over.
-        let frames: Vec<Bytes> = (0..512).map(|i| numbered_frame(i, 64 << 10)).collect();
-        for f in &frames {
-            outbound.push(f.clone()).expect("queued");
-        }
+        let frames = queue(&outbound, 0..512, 64 << 10);
         until("the writer task has the turn", || {
             outbound.writer_has_turn()
         })
         .await;
         // Frames queued while the writer task waits for room follow the others.
-        let late: Vec<Bytes> = (512..520).map(|i| numbered_frame(i, 1000)).collect();
-        for f in &late {
-            outbound.push(f.clone()).expect("queued");
-        }
+        let late = queue(&outbound, 512..520, 1000);
         let expected: Vec<u8> = frames.concat().into_iter().chain(late.concat()).collect();
         let got = read_exactly(&mut client, expected.len()).await;
         assert!(got == expected, "frames lost, repeated or out of order");
@@ -250,12 +250,8 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_close_asked_before_the_flusher_ran_writes_the_queue_then_the_farewell() {
         let _serial = SERIAL.lock().await;
-        let flushers = Flushers::start();
-        let (outbound, mut client) = connection(&flushers).await;
-        let frames: Vec<Bytes> = (0..3).map(|i| numbered_frame(i, 50)).collect();
-        for f in &frames {
-            outbound.push(f.clone()).expect("queued");
-        }
+        let (_flushers, outbound, mut client) = connection().await;
+        let frames = queue(&outbound, 0..3, 50);
         outbound.close(CloseCode::GoingAway, "bye");
         assert!(outbound.push(numbered_frame(9, 50)).is_err());
         let mut got = Vec::new();

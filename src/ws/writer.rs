@@ -17,7 +17,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant as StdInstant};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -196,8 +196,7 @@ impl Outbound {
             _ => false,
         };
         if !scheduled {
-            self.state.lock().turn = Turn::Writer;
-            self.wake.notify_one();
+            self.hand_to_writer(self.state.lock());
         }
     }
 
@@ -214,8 +213,7 @@ impl Outbound {
             let socket = match &st.socket {
                 Some(socket) if st.closing.is_none() => Arc::clone(socket),
                 _ => {
-                    drop(st);
-                    self.hand_to_writer();
+                    self.hand_to_writer(st);
                     return None;
                 }
             };
@@ -224,13 +222,11 @@ impl Outbound {
         };
         let mut first = 0;
         let mut written = 0;
-        let mut writes = 0;
         while first < scratch.len() {
             match try_write_frames(&socket, &scratch[first..]) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     written += n;
-                    writes += 1;
                     first = advance(scratch, first, n);
                 }
             }
@@ -238,8 +234,6 @@ impl Outbound {
         // The writer task must hold the last clone of the socket when it ends (dropping it is
         // the shutdown), so this one goes before the turn does.
         drop(socket);
-        TRAFFIC.sent_bytes.add(written as u64);
-        TRAFFIC.socket_writes.add(writes);
         let mut st = self.state.lock();
         let sample = st.wrote(written);
         let result = if first < scratch.len() {
@@ -248,14 +242,10 @@ impl Outbound {
             scratch.drain(..first);
             scratch.append(&mut st.frames);
             std::mem::swap(&mut st.frames, scratch);
-            st.turn = Turn::Writer;
-            drop(st);
-            self.wake.notify_one();
+            self.hand_to_writer(st);
             None
         } else if st.closing.is_some() {
-            st.turn = Turn::Writer;
-            drop(st);
-            self.wake.notify_one();
+            self.hand_to_writer(st);
             None
         } else if st.frames.is_empty() {
             st.turn = Turn::Idle;
@@ -275,8 +265,10 @@ impl Outbound {
         result
     }
 
-    fn hand_to_writer(&self) {
-        self.state.lock().turn = Turn::Writer;
+    /// Gives the turn to the writer task (the caller holds the lock, and the turn).
+    fn hand_to_writer(&self, mut st: MutexGuard<'_, QueueState>) {
+        st.turn = Turn::Writer;
+        drop(st);
         self.wake.notify_one();
     }
 
@@ -504,8 +496,6 @@ async fn drain_loop(
         // Bytes leave the bound as the kernel takes them, not when the whole batch is out, so
         // a client that keeps reading is never cut off because one large batch is in flight.
         write_all(socket, &mut batch, write_timeout, |n| {
-            TRAFFIC.sent_bytes.add(n as u64);
-            TRAFFIC.socket_writes.add(1);
             let sample = outbound.state.lock().wrote(n);
             if let Some(received) = sample {
                 crate::metrics::fanout_latency(received.elapsed());
@@ -518,11 +508,7 @@ async fn drain_loop(
                 let payload = farewell.first().map_or(0, |f| frame::payload_of(f).len());
                 TRAFFIC.sent(Sent::Disconnect, 1, payload as u64);
             }
-            write_all(socket, &mut farewell, write_timeout, |n| {
-                TRAFFIC.sent_bytes.add(n as u64);
-                TRAFFIC.socket_writes.add(1);
-            })
-            .await?;
+            write_all(socket, &mut farewell, write_timeout, |_| {}).await?;
             return Ok(());
         }
         // Back to the fast path once everything is out; otherwise write again.
@@ -534,19 +520,24 @@ async fn drain_loop(
 }
 
 /// One write of as many of `frames` as one `writev` takes (a plain `write` for one frame: no
-/// slice list to build, the usual case of paced fan-out).
+/// slice list to build, the usual case of paced fan-out). Every write of either writer goes through here, and is counted here.
 fn try_write_frames(socket: &OwnedWriteHalf, frames: &[Bytes]) -> std::io::Result<usize> {
-    match frames {
-        [] => Ok(0),
-        [one] => socket.try_write(one),
+    let written = match frames {
+        [] => return Ok(0),
+        [one] => socket.try_write(one)?,
         _ => {
             let slices: Vec<IoSlice<'_>> = frames[..frames.len().min(MAX_IOVECS)]
                 .iter()
                 .map(|b| IoSlice::new(b))
                 .collect();
-            socket.try_write_vectored(&slices)
+            socket.try_write_vectored(&slices)?
         }
+    };
+    if written > 0 {
+        TRAFFIC.sent_bytes.add(written as u64);
+        TRAFFIC.socket_writes.add(1);
     }
+    Ok(written)
 }
 
 /// Moves past the frames that `written` bytes (from `frames[first]` on) completed and trims a
