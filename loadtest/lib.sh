@@ -111,6 +111,31 @@ start_wsgate() {
         "$WSGATE_BIN" --listen "127.0.0.1:$port" --node-id "$node" --log warn --drain-seconds 0 "$@"
 }
 
+# node_fanout_latency PORT: one line on the node's own share of the latency, from its
+# `wsgate_fanout_latency_seconds` histogram (a publication's arrival to its last recipient's
+# write): the mean, and the bucket bound under which 99% of the fan-outs finished.
+node_fanout_latency() {
+    python3 - "$1" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+buckets, total, count = [], 0.0, 0
+for line in text.splitlines():
+    if line.startswith("wsgate_fanout_latency_seconds_bucket{"):
+        le = line.split('le="', 1)[1].split('"', 1)[0]
+        buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    elif line.startswith("wsgate_fanout_latency_seconds_sum"):
+        total = float(line.rsplit(" ", 1)[1])
+    elif line.startswith("wsgate_fanout_latency_seconds_count"):
+        count = int(float(line.rsplit(" ", 1)[1]))
+if not count:
+    print("node fan-out latency: no samples")
+    sys.exit(0)
+p99 = next(le for le, n in sorted(buckets) if n >= 0.99 * count)
+print(f"node fan-out latency (arrival to the last recipient's write, {count} fan-outs): "
+      f"mean {total / count * 1e3:.3f} ms, p99 under {p99 * 1e3:g} ms")
+PY
+}
+
 # The machine, for the record.
 machine() {
     local model

@@ -15,6 +15,11 @@
 #   idle          IDLE_CONNECTIONS connections each subscribed to one topic, held: RSS per
 #                 connection
 #   storm         STORM_CONNECTIONS connects with HS256 JWTs (the node runs --jwt-secret)
+#   latency       publish-to-receive latency at LATENCY_RATE x CONNECTIONS / LATENCY_TOPICS
+#                 deliveries/s (defaults: 1,000 topics of 10 subscribers, 5,000 publications/s
+#                 through Redis PUBLISH = 50,000 deliveries/s), LATENCY_RUNS times, unpinned (with
+#                 the node and Redis sharing one core, each waits for the other: p99 grows
+#                 several-fold); prints the node's own share from its fan-out histogram
 # Modes (MODES): off = no deflate offered, SIZE-byte data; on = permessage-deflate offered and
 # required on every connection, DEFLATE_SIZE-byte data (wsgate compresses payloads of 256 bytes
 # and more, so a 100-byte one would go out plain either way).
@@ -40,8 +45,12 @@ BURST=${BURST:-32}
 TOPIC_RATE=${TOPIC_RATE:-5000}
 USER_RATE=${USER_RATE:-5000}
 DURATION=${DURATION:-20}
+LATENCY_TOPICS=${LATENCY_TOPICS:-1000}
+LATENCY_RATE=${LATENCY_RATE:-5000}
+LATENCY_DURATION=${LATENCY_DURATION:-10}
+LATENCY_RUNS=${LATENCY_RUNS:-3}
 PUBLISH=${PUBLISH:-http}
-ONLY=${ONLY:-"fanout fanout-burst topics users idle storm"}
+ONLY=${ONLY:-"fanout fanout-burst topics users idle storm latency"}
 MODES=${MODES:-"off on"}
 PIN=${PIN:-1}
 OUT=${OUT:-target/loadtest/scenarios-$(date +%Y%m%d-%H%M%S)}
@@ -85,6 +94,7 @@ run() {
     generator run --ws "127.0.0.1:$port" --pid "$pid" --aux-pid "$REDIS_PID" --size "$size" \
         --redis "127.0.0.1:$REDIS_PORT" --label "$name/$mode" "${comp[@]}" "$@" \
         --json "$dir/result.json" | tee "$dir/table.txt" || true
+    node_fanout_latency "$port" | tee -a "$dir/table.txt" || true
     stop_all
     RESULTS+=("$dir/result.json")
     sleep 2
@@ -106,6 +116,12 @@ for mode in $MODES; do
             idle) run idle "$mode" --scenario idle --connections "$IDLE_CONNECTIONS" --settle 3 ;;
             storm) run storm "$mode" --scenario storm --connections "$STORM_CONNECTIONS" \
                 --jwt-secret "$JWT_SECRET" ;;
+            latency)
+                for i in $(seq "$LATENCY_RUNS"); do
+                    SERVER_CPUS='' GEN_CPUS='' run "latency-$i" "$mode" --scenario topics \
+                        --connections "$CONNECTIONS" --topics "$LATENCY_TOPICS" \
+                        --rate "$LATENCY_RATE" --duration "$LATENCY_DURATION" --publish redis
+                done ;;
             *) echo "error: unknown scenario $s" >&2; exit 2 ;;
         esac
     done
