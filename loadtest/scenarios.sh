@@ -19,7 +19,9 @@
 #                 deliveries/s (defaults: 1,000 topics of 10 subscribers, 5,000 publications/s
 #                 through Redis PUBLISH = 50,000 deliveries/s), LATENCY_RUNS times, unpinned (with
 #                 the node and Redis sharing one core, each waits for the other: p99 grows
-#                 several-fold); prints the node's own share from its fan-out histogram
+#                 several-fold), each time with the node's workers unpinned and pinned
+#                 (--pin-workers off/on); prints the node's own share from its fan-out
+#                 histogram, and the generator's plain Redis subscriber beside it
 # Modes (MODES): off = no deflate offered, SIZE-byte data; on = permessage-deflate offered and
 # required on every connection, DEFLATE_SIZE-byte data (wsgate compresses payloads of 256 bytes
 # and more, so a 100-byte one would go out plain either way).
@@ -81,6 +83,9 @@ run() {
     start_redis "$dir"
     port=$(free_port)
     [ "$name" = storm ] && flags=(--jwt-secret "$JWT_SECRET")
+    # Extra node flags for this run (word-split on purpose).
+    # shellcheck disable=SC2206
+    flags+=(${NODE_FLAGS:-})
     if [ "$mode" = on ]; then
         comp=(--compression)
         size=$DEFLATE_SIZE
@@ -117,10 +122,15 @@ for mode in $MODES; do
             storm) run storm "$mode" --scenario storm --connections "$STORM_CONNECTIONS" \
                 --jwt-secret "$JWT_SECRET" ;;
             latency)
+                # Alternately with the node's workers placed by the kernel and pinned one per
+                # CPU (--pin-workers on), so that the two compare within one sitting.
                 for i in $(seq "$LATENCY_RUNS"); do
-                    SERVER_CPUS='' GEN_CPUS='' run "latency-$i" "$mode" --scenario topics \
-                        --connections "$CONNECTIONS" --topics "$LATENCY_TOPICS" \
-                        --rate "$LATENCY_RATE" --duration "$LATENCY_DURATION" --publish redis
+                    for pin in off on; do
+                        SERVER_CPUS='' GEN_CPUS='' NODE_FLAGS="--pin-workers $pin" \
+                            run "latency-pin-$pin-$i" "$mode" --scenario topics \
+                            --connections "$CONNECTIONS" --topics "$LATENCY_TOPICS" \
+                            --rate "$LATENCY_RATE" --duration "$LATENCY_DURATION" --publish redis
+                    done
                 done ;;
             *) echo "error: unknown scenario $s" >&2; exit 2 ;;
         esac

@@ -12,7 +12,7 @@
 //! `history` holds topic history (positions, pages, the in-memory ring); `protocol` holds the wire format (envelope, codes, filters, topic rules), `config` the
 //! settings, `auth` identity and API access, `limits` rate limiting and admission, `metrics` the
 //! Prometheus names and hot-path counters, `sys` the `$sys.metrics` / `$sys.health` snapshots,
-//! and `node` the wiring and shutdown.
+//! `node` the wiring and shutdown, and `runtime` the tokio runtime (worker threads, CPU pinning).
 
 pub mod auth;
 pub mod broker;
@@ -24,5 +24,6 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod runtime;
 pub mod sys;
 pub mod ws;

@@ -74,11 +74,16 @@ fn run(args: &RunArgs) -> ExitCode {
         tracing::info!("{line}");
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
+    let options = args.runtime_options();
+    let runtime = match wsgate::runtime::build(options) {
+        Ok(runtime) => {
+            tracing::info!(
+                worker_threads = runtime.metrics().num_workers(),
+                pinned = options.pin_workers,
+                "tokio runtime"
+            );
+            runtime
+        }
         Err(err) => {
             eprintln!("wsgate: cannot start the tokio runtime: {err}");
             return ExitCode::FAILURE;

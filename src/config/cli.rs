@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::file::{parse_listen, split_list, ConfigError, FileConfig};
 use super::{Secret, Settings};
+use crate::runtime::RuntimeOptions;
 
 const ABOUT: &str = "wsgate: a horizontally scaled WebSocket gateway";
 
@@ -128,6 +129,15 @@ pub struct RunArgs {
     #[arg(long, env = "WSGATE_DRAIN_SECONDS", value_name = "N")]
     pub drain_seconds: Option<u64>,
 
+    /// Tokio worker threads [default: one per CPU the process may use].
+    #[arg(long, env = "WSGATE_WORKER_THREADS", value_name = "N", value_parser = parse_worker_threads)]
+    pub worker_threads: Option<usize>,
+
+    /// Pin worker thread i to the i-th CPU the process may use (its affinity mask): on or off
+    /// [default: off]. For a node that shares a small machine (see `wsgate::runtime`).
+    #[arg(long, env = "WSGATE_PIN_WORKERS", value_name = "on|off", value_parser = parse_on_off)]
+    pub pin_workers: Option<bool>,
+
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
     /// `info,wsgate=debug`.
     #[arg(long, env = "WSGATE_LOG", value_name = "LEVEL", default_value = "info")]
@@ -188,6 +198,14 @@ impl RunArgs {
         }
     }
 
+    /// How to build the tokio runtime (`--worker-threads`, `--pin-workers`).
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            worker_threads: self.worker_threads,
+            pin_workers: self.pin_workers.unwrap_or(false),
+        }
+    }
+
     /// The config file to load, if any (an empty `WSGATE_CONFIG=` counts as none).
     pub fn config_file(&self) -> Option<&Path> {
         self.config.as_deref().filter(|p| !p.as_os_str().is_empty())
@@ -197,6 +215,16 @@ impl RunArgs {
 /// Entries trimmed, empty ones (trailing commas, empty env vars) dropped.
 fn clean_list(items: &[String]) -> Vec<String> {
     items.iter().flat_map(|s| split_list(s)).collect()
+}
+
+/// `--worker-threads`: 1 to 1024.
+fn parse_worker_threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=1024) => Ok(n),
+        _ => Err(format!(
+            "expected a number of threads from 1 to 1024, got {s:?}"
+        )),
+    }
 }
 
 /// `on`/`off`, `true`/`false`, `1`/`0`, `yes`/`no`, any case.
@@ -317,5 +345,30 @@ mod tests {
         assert_eq!(parse_on_off("ON"), Ok(true));
         assert_eq!(parse_on_off("0"), Ok(false));
         assert!(parse_on_off("maybe").is_err());
+    }
+
+    #[test]
+    fn worker_threads_from_1_to_1024() {
+        assert_eq!(parse_worker_threads("1"), Ok(1));
+        assert_eq!(parse_worker_threads(" 1024 "), Ok(1024));
+        assert!(parse_worker_threads("0").is_err());
+        assert!(parse_worker_threads("1025").is_err());
+        assert!(parse_worker_threads("two").is_err());
+    }
+
+    #[test]
+    fn runtime_flags_become_runtime_options() {
+        let cli = Cli::try_parse_from(["wsgate", "--worker-threads", "3", "--pin-workers", "on"])
+            .expect("parses");
+        assert_eq!(
+            cli.run.runtime_options(),
+            RuntimeOptions {
+                worker_threads: Some(3),
+                pin_workers: true
+            }
+        );
+        let cli = Cli::try_parse_from(["wsgate"]).expect("parses");
+        assert_eq!(cli.run.runtime_options(), RuntimeOptions::default());
+        assert!(Cli::try_parse_from(["wsgate", "--worker-threads", "0"]).is_err());
     }
 }

@@ -14,6 +14,7 @@
 
 mod client;
 mod config;
+mod probe;
 mod procstat;
 mod publish;
 mod report;
@@ -238,6 +239,11 @@ async fn coordinate(mut cfg: Config) -> Report {
         let stats = Arc::new(publish::PublishStats::default());
         let cpu1 = procstat::cpu(&pids);
         let aux1 = procstat::cpu(&aux);
+        let probe = if cfg.target == config::Target::Wsgate {
+            probe::Probe::start(&cfg).await
+        } else {
+            None
+        };
         let t1 = Instant::now();
         let mut publishing = tokio::spawn(publish::run(Arc::clone(&cfg), Arc::clone(&stats)));
         let mut published_at: Option<Instant> = None;
@@ -282,6 +288,9 @@ async fn coordinate(mut cfg: Config) -> Report {
         }
         if published_at.is_none() {
             publishing.abort();
+        }
+        if let Some(probe) = probe {
+            rep.redis_probe_ms = Some(report::of_histogram(&probe.stop().await, 1e-3));
         }
         let cpu2 = procstat::cpu(&pids);
         aux_cpu = {

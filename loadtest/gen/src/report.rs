@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -97,6 +98,10 @@ pub struct Report {
     pub publish: Publish,
     pub deliveries: Deliveries,
     pub latency_ms: Percentiles,
+    /// The same publications read straight off Redis by one plain subscriber (`probe`): the
+    /// baseline under the gateway's latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_probe_ms: Option<Percentiles>,
     pub server: Server,
     pub config: Option<Config>,
 }
@@ -106,6 +111,11 @@ fn percentiles(pairs: impl Iterator<Item = (u64, u64)>, scale: f64) -> Percentil
     for (v, c) in pairs {
         let _ = h.record_n(v.max(1), c);
     }
+    of_histogram(&h, scale)
+}
+
+/// The percentiles of `h`, its values multiplied by `scale`.
+pub fn of_histogram(h: &Histogram<u64>, scale: f64) -> Percentiles {
     if h.is_empty() {
         return Percentiles::default();
     }
@@ -289,6 +299,13 @@ impl Report {
                 "latency (ms)       p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (publish send -> receive, {} samples)",
                 l.p50, l.p99, l.p999, l.max, l.count
             );
+            if let Some(r) = self.redis_probe_ms.as_ref().filter(|r| r.count > 0) {
+                let _ = writeln!(
+                    t,
+                    "redis subscriber   p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (the same publications read straight off Redis, {} samples)",
+                    r.p50, r.p99, r.p999, r.max, r.count
+                );
+            }
             let _ = writeln!(
                 t,
                 "server CPU         {:.2} s (user {:.2}, sys {:.2}) = {:.3} us per delivery, {:.0} deliveries per CPU-second",
@@ -319,7 +336,7 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         return t;
     };
     type Get = fn(&Report) -> f64;
-    let rows: [(&str, Get, &str); 17] = [
+    let rows: [(&str, Get, &str); 18] = [
         ("connections", |r| r.connections.connected as f64, ""),
         ("payload bytes", |r| r.payload_bytes as f64, ""),
         (
@@ -350,6 +367,11 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
             "lower is better",
         ),
         ("latency max (ms)", |r| r.latency_ms.max, "lower is better"),
+        (
+            "Redis subscriber p99 (ms)",
+            |r| r.redis_probe_ms.as_ref().map_or(0.0, |p| p.p99),
+            "lower is better",
+        ),
         (
             "server CPU per delivery (us)",
             |r| r.server.us_per_delivery,
