@@ -11,7 +11,6 @@
 //! tokio starts later for blocking work stay unpinned.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use tokio::runtime::{Builder, Runtime};
 
@@ -38,19 +37,24 @@ pub fn allowed_cpus() -> Vec<usize> {
 pub fn build(options: RuntimeOptions) -> std::io::Result<Runtime> {
     let mut builder = Builder::new_multi_thread();
     builder.enable_all();
-    let cpus = allowed_cpus();
-    let workers = match options.worker_threads {
-        Some(n) => Some(n.max(1)),
-        // Pinning needs the count up front; unpinned, tokio's own default stays in charge.
-        None if options.pin_workers => Some(cpus.len().max(1)),
-        None => None,
+    let cpus = if options.pin_workers {
+        allowed_cpus()
+    } else {
+        Vec::new()
     };
+    if options.pin_workers && cpus.is_empty() {
+        tracing::warn!("cannot read the process's CPU affinity: workers stay unpinned");
+    }
+    // Pinning needs the count up front; otherwise tokio's own default stays in charge.
+    let workers = options
+        .worker_threads
+        .or((!cpus.is_empty()).then_some(cpus.len()))
+        .map(|n| n.max(1));
     if let Some(n) = workers {
         builder.worker_threads(n);
     }
-    if options.pin_workers && !cpus.is_empty() {
-        let n = workers.unwrap_or(1);
-        let started = Arc::new(AtomicUsize::new(0));
+    if let (Some(n), false) = (workers, cpus.is_empty()) {
+        let started = AtomicUsize::new(0);
         // `build()` starts all n workers before it returns, and nothing else can start a
         // runtime thread before then: the first n threads to start are the workers.
         builder.on_thread_start(move || {
@@ -68,7 +72,17 @@ pub fn build(options: RuntimeOptions) -> std::io::Result<Runtime> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    fn two_workers(pin_workers: bool) -> Runtime {
+        build(RuntimeOptions {
+            worker_threads: Some(2),
+            pin_workers,
+        })
+        .expect("runtime")
+    }
 
     /// The CPUs each of `tasks` tasks saw as its thread's affinity mask (tasks run on workers).
     fn masks_seen_by_tasks(runtime: &Runtime, tasks: usize) -> Vec<Vec<usize>> {
@@ -92,11 +106,7 @@ mod tests {
     #[test]
     fn pinned_workers_run_on_one_cpu_each_and_blocking_threads_stay_free() {
         let all = allowed_cpus();
-        let runtime = build(RuntimeOptions {
-            worker_threads: Some(2),
-            pin_workers: true,
-        })
-        .expect("runtime");
+        let runtime = two_workers(true);
         assert_eq!(runtime.metrics().num_workers(), 2);
         let masks = masks_seen_by_tasks(&runtime, 64);
         for mask in &masks {
@@ -137,11 +147,7 @@ mod tests {
     #[test]
     fn unpinned_workers_keep_the_process_mask() {
         let all = allowed_cpus();
-        let runtime = build(RuntimeOptions {
-            worker_threads: Some(2),
-            pin_workers: false,
-        })
-        .expect("runtime");
+        let runtime = two_workers(false);
         for mask in masks_seen_by_tasks(&runtime, 16) {
             assert_eq!(mask, all);
         }

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, Scenario};
 use crate::publish::now_ns;
-use crate::worker::new_histogram;
+use crate::worker::{new_histogram, parse_u64_after};
 
 /// The payload's timestamp key (`"lgts":<ns>`). The quotes around it may arrive escaped, when a
 /// Redis function put the data in a JSON string, so the search is for the bare word.
@@ -138,10 +138,7 @@ fn scan(buf: &[u8], mut found: impl FnMut(u64)) -> usize {
         if first + len == buf.len() {
             return at + i; // the number may go on in the next read
         }
-        if let Ok(sent) = std::str::from_utf8(&buf[first..first + len])
-            .unwrap_or("")
-            .parse::<u64>()
-        {
+        if let Some(sent) = parse_u64_after(buf, first) {
             found(sent);
         }
         at = first + len;

@@ -105,7 +105,8 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
 }
 
-fn parse_u64_after(hay: &[u8], at: usize) -> Option<u64> {
+/// The decimal number that starts at `hay[at]`, if one does.
+pub fn parse_u64_after(hay: &[u8], at: usize) -> Option<u64> {
     let digits = hay[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 {
         return None;
