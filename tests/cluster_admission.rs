@@ -187,11 +187,7 @@ async fn a_storm_below_the_budget_is_never_refused() {
 async fn returning_surplus_never_leaves_live_connections_unreserved() {
     const MAX: usize = 20;
     let redis = RedisServer::start();
-    let pool = |r: &RedisServer| {
-        deadpool_redis::Config::from_url(r.url())
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .expect("pool")
-    };
+    let pool = |r: &RedisServer| wsgate::broker::redis::pool::create(&r.url()).expect("pool");
     let config = |node: &str| AdmissionConfig {
         block: 4,
         lease_ttl: Duration::from_secs(3),

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use deadpool_redis::{Config, Pool, Runtime};
 use tokio::time::{sleep, timeout, Instant};
 use wsgate::broker::redis::admission::{AdmissionConfig, ClusterAdmission};
 use wsgate::broker::redis::keys::{node_users_key, topic_presence_key, ADMISSION_KEY, NODES_KEY};
+use wsgate::broker::redis::pool::{self, Pool};
 use wsgate::broker::redis::presence::{Presence, PresenceConfig, PresenceEntry, PresenceError};
 use wsgate::broker::redis::shard::shard_of;
 use wsgate::limits::{ConnectionSlots, Slot};
@@ -20,9 +20,7 @@ use wsgate::limits::{ConnectionSlots, Slot};
 const POLL_LIMIT: Duration = Duration::from_secs(8);
 
 fn pool(server: &RedisServer) -> Pool {
-    Config::from_url(server.url())
-        .create_pool(Some(Runtime::Tokio1))
-        .expect("redis pool")
+    pool::create(&server.url()).expect("redis pool")
 }
 
 fn admission(

@@ -158,7 +158,7 @@ impl AdmissionConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
     #[error("redis connection pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] super::pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]

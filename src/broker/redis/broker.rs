@@ -6,8 +6,8 @@
 //! - A node subscribes only to what its own clients need: a topic's channel while it has a local
 //!   subscriber, a user's channel while that user has a local connection, plus the broadcast,
 //!   control and own-node channels (`pubsub` batches, lingers and resubscribes).
-//! - Commands use a deadpool-redis pool per instance; subscriptions a dedicated connection per
-//!   instance. With several URLs, topics and users are spread over the instances by jump hash
+//! - Commands use a deadpool pool per instance (`pool`); subscriptions a dedicated connection
+//!   per instance. With several URLs, topics and users are spread over the instances by jump hash
 //!   (`shard`); the broadcast, control, node, registry, admission and upstream names live on
 //!   the first instance.
 //! - With `redis.cluster`, the URLs are seed nodes of one Redis Cluster: a single logical shard
@@ -22,7 +22,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use deadpool_redis::Runtime;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -34,6 +33,7 @@ use super::gapfill::{GapFiller, HistoryReader};
 use super::history;
 use super::inbound;
 use super::keys;
+use super::pool;
 use super::presence::{Presence, PresenceConfig, PresenceEntry, PresenceError};
 use super::pubsub::{Subscriber, SubscriberConfig};
 use super::shard::shard_of;
@@ -136,14 +136,12 @@ impl RedisBroker {
             });
         }
         for url in settings.redis_urls.iter().filter(|_| !cluster) {
-            let pool = deadpool_redis::Config::from_url(url.as_str())
-                .create_pool(Some(Runtime::Tokio1))
-                .map_err(|e| {
-                    BrokerError::Unavailable(format!(
-                        "redis pool for {}: {e}",
-                        crate::config::secret::redact_url(url)
-                    ))
-                })?;
+            let pool = pool::create(url.as_str()).map_err(|e| {
+                BrokerError::Unavailable(format!(
+                    "redis pool for {}: {e}",
+                    crate::config::secret::redact_url(url)
+                ))
+            })?;
             let subscriber = Subscriber::start(
                 SubscriberConfig {
                     linger: settings.redis.linger,
@@ -311,6 +309,9 @@ async fn resync_after_reconnects(
         }
         for (i, (_, commands)) in shards.iter().enumerate() {
             if now[i] != seen[i] {
+                // The subscription found that Redis went away: so did the idle command
+                // connections to it.
+                commands.discard_idle();
                 if let Err(e) = history::load_library(commands, &library).await {
                     tracing::warn!(error = %e, "could not reload the wsgate functions");
                 }

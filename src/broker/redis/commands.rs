@@ -3,7 +3,8 @@
 //! Redis Cluster client.
 //!
 //! - **One instance** (`Commands::Pool`): each [`Commands::get`] takes a pooled
-//!   `MultiplexedConnection`, as before.
+//!   `MultiplexedConnection` ([`super::pool`]: reused without a round trip, replaced after a
+//!   connection-level failure).
 //! - **Redis Cluster** (`Commands::Cluster`): one `redis::cluster_async::ClusterConnection`
 //!   (RESP3), shared by every caller (it multiplexes and routes every command to the master of
 //!   its key's slot, follows MOVED/ASK and reconnects by itself). It is created on first use, so
@@ -25,13 +26,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::{Pool, PoolError};
 use redis::aio::ConnectionLike;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{Cmd, Pipeline, ProtocolVersion, RedisError, RedisFuture, RedisResult, Value};
 use tokio::sync::OnceCell;
+
+use super::pool::{self, Pool, PoolError, Pooled};
 
 /// How long connecting to one cluster node may take.
 const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -103,6 +105,14 @@ impl Commands {
         matches!(self, Commands::Cluster(_))
     }
 
+    /// Drops the idle pooled connections (after Redis was found to have gone away: they are
+    /// all closed). Nothing to do on a cluster, whose connection reconnects by itself.
+    pub fn discard_idle(&self) {
+        if let Commands::Pool(p) = self {
+            pool::discard_idle(p);
+        }
+    }
+
     /// A connection to run commands on (a failure counts in `wsgate_redis_errors_total`).
     pub async fn get(&self) -> Result<CommandConnection, CommandsError> {
         let got = self.connect().await;
@@ -128,7 +138,7 @@ impl Commands {
 
 /// A connection from [`Commands::get`]: use it like any async Redis connection.
 pub enum CommandConnection {
-    Pool(deadpool_redis::Connection),
+    Pool(Pooled),
     Cluster(ClusterConnection),
 }
 
@@ -145,13 +155,16 @@ impl CommandConnection {
 /// trip, nothing next to the round trip itself.
 impl ConnectionLike for CommandConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let sent = match self {
-            CommandConnection::Pool(conn) => conn.req_packed_command(cmd),
-            CommandConnection::Cluster(conn) => conn.req_packed_command(cmd),
-        };
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let reply = sent.await;
+            let reply = match self {
+                CommandConnection::Pool(conn) => {
+                    let reply = conn.req_packed_command(cmd).await;
+                    conn.note(&reply);
+                    reply
+                }
+                CommandConnection::Cluster(conn) => conn.req_packed_command(cmd).await,
+            };
             crate::metrics::redis_command(started.elapsed());
             if matches!(reply, Err(_) | Ok(Value::ServerError(_))) {
                 crate::metrics::redis_error("command");
@@ -166,13 +179,18 @@ impl ConnectionLike for CommandConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        let sent = match self {
-            CommandConnection::Pool(conn) => conn.req_packed_commands(cmd, offset, count),
-            CommandConnection::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
-        };
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let replies = sent.await;
+            let replies = match self {
+                CommandConnection::Pool(conn) => {
+                    let replies = conn.req_packed_commands(cmd, offset, count).await;
+                    conn.note(&replies);
+                    replies
+                }
+                CommandConnection::Cluster(conn) => {
+                    conn.req_packed_commands(cmd, offset, count).await
+                }
+            };
             crate::metrics::redis_command(started.elapsed());
             let failed = match &replies {
                 Err(_) => true,

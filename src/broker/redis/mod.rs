@@ -8,6 +8,7 @@ pub mod gapfill;
 pub mod history;
 pub mod inbound;
 pub mod keys;
+pub mod pool;
 pub mod presence;
 pub mod pubsub;
 pub mod shard;

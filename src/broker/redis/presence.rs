@@ -132,7 +132,7 @@ pub use crate::broker::PresenceMember as PresenceEntry;
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
     #[error("redis connection pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] super::pool::PoolError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
