@@ -16,11 +16,11 @@
 
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use base64::Engine;
 use flate2::{Decompress, FlushDecompress, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::{Config, Scenario, Target};
@@ -54,8 +54,9 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ClientError> {
 
 /// One event from the socket.
 pub enum Event<'a> {
-    /// A complete text or binary message (inflated).
-    Message(&'a [u8]),
+    /// A complete text or binary message (inflated), and when its last bytes reached this
+    /// host's socket (see [`WsClient::arrived_ns`]).
+    Message(&'a [u8], Option<u64>),
     /// The server closed (close frame code, if any) or the TCP stream ended (`None`).
     Closed(Option<u16>),
 }
@@ -84,6 +85,46 @@ pub struct WsClient {
     inflater: Option<Box<Decompress>>,
     /// Frames to send (pongs) after the current read.
     out: Vec<u8>,
+    /// The kernel's receive timestamp (ns since the epoch, `SO_TIMESTAMPNS`) of the newest
+    /// bytes of the last read: when the data reached this host, before the generator got to run.
+    /// A message spanning reads gets the later one, so it never reads early.
+    arrived_ns: Option<u64>,
+}
+
+/// One `recvmsg` into `buf`: the bytes read and, when the kernel attached one, the
+/// `SCM_TIMESTAMPNS` receive time (ns since the epoch, the clock of [`crate::publish::now_ns`]).
+fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // u64s keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: a valid fd and msghdr whose buffers are live and sized as declared.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: walking the control messages the kernel wrote, with the libc macros.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::timespec);
+                stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, stamp))
 }
 
 /// Opens a TCP connection from `source` (port chosen at connect time, so each source address
@@ -100,6 +141,17 @@ pub async fn tcp_connect(source: Ipv4Addr, dest: SocketAddr) -> Result<TcpStream
             socket.as_raw_fd(),
             libc::IPPROTO_IP,
             IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    // SO_TIMESTAMPNS: every read also says when its bytes arrived (see `read_stamped`).
+    // SAFETY: as above.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
             &one as *const libc::c_int as *const libc::c_void,
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
@@ -203,6 +255,7 @@ impl WsClient {
             deflate,
             inflater,
             out: Vec::new(),
+            arrived_ns: None,
         })
     }
 
@@ -223,7 +276,7 @@ impl WsClient {
         loop {
             match self.parse_one(shared)? {
                 Parsed::Message => {
-                    return Ok(Event::Message(&self.message));
+                    return Ok(Event::Message(&self.message, self.arrived_ns));
                 }
                 Parsed::Close(code) => return Ok(Event::Closed(code)),
                 Parsed::Control => continue,
@@ -245,11 +298,33 @@ impl WsClient {
                 let len = self.buf.len() * 2;
                 self.buf.resize(len, 0);
             }
-            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            let n = self.read_stamped().await?;
             if n == 0 {
                 return Ok(Event::Closed(None));
             }
             self.end += n;
+        }
+    }
+
+    /// Reads into the free end of the buffer with `recvmsg`, keeping the receive timestamp.
+    async fn read_stamped(&mut self) -> std::io::Result<usize> {
+        loop {
+            self.stream.readable().await?;
+            let fd = self.stream.as_raw_fd();
+            let buf = &mut self.buf[self.end..];
+            match self
+                .stream
+                .try_io(Interest::READABLE, || recv_stamped(fd, buf))
+            {
+                Ok((n, stamp)) => {
+                    if stamp.is_some() {
+                        self.arrived_ns = stamp;
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -500,15 +575,15 @@ async fn expect(
 ) -> Result<(), ClientError> {
     loop {
         match ws.next(shared).await? {
-            Event::Message(m) if want(m) => return Ok(()),
-            Event::Message(m) if contains(m, br#""type":"error""#) => {
+            Event::Message(m, _) if want(m) => return Ok(()),
+            Event::Message(m, _) if contains(m, br#""type":"error""#) => {
                 return err(format!(
                     "waiting for {what}: {}",
                     String::from_utf8_lossy(&m[..m.len().min(300)])
                 ))
             }
-            Event::Message(m) if m == b"2" => ws.send_text(b"3").await?,
-            Event::Message(_) => {}
+            Event::Message(m, _) if m == b"2" => ws.send_text(b"3").await?,
+            Event::Message(..) => {}
             Event::Closed(code) => return err(format!("closed ({code:?}) waiting for {what}")),
         }
     }
@@ -584,7 +659,7 @@ mod tests {
         let mut got = Vec::new();
         loop {
             match ws.next(&shared).await.expect("reads") {
-                Event::Message(m) => got.push(String::from_utf8(m.to_vec()).expect("utf8")),
+                Event::Message(m, _) => got.push(String::from_utf8(m.to_vec()).expect("utf8")),
                 Event::Closed(code) => {
                     assert_eq!(code, Some(1000));
                     break;
@@ -601,6 +676,50 @@ mod tests {
             .map(|(i, b)| b ^ pong[2 + i])
             .collect();
         assert_eq!(unmasked, b"p1");
+    }
+
+    /// Reads what `server` sent on `stream` with `recv_stamped`.
+    async fn read_stamped_once(stream: &TcpStream) -> (Vec<u8>, Option<u64>) {
+        let mut buf = [0u8; 16];
+        loop {
+            stream.readable().await.expect("readable");
+            let fd = stream.as_raw_fd();
+            match stream.try_io(Interest::READABLE, || recv_stamped(fd, &mut buf)) {
+                Ok((n, stamp)) => return (buf[..n].to_vec(), stamp),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("recvmsg: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_carry_the_kernel_receive_time_on_generator_sockets_only() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stamped = tcp_connect(Ipv4Addr::LOCALHOST, addr)
+            .await
+            .expect("connect");
+        let (mut a, _) = listener.accept().await.expect("accept");
+        let plain = TcpStream::connect(addr).await.expect("connect");
+        let (mut b, _) = listener.accept().await.expect("accept");
+
+        let before = crate::publish::now_ns();
+        a.write_all(b"abc").await.expect("write");
+        b.write_all(b"def").await.expect("write");
+        // Read late: the stamp is when the bytes arrived, not when they were read.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (data, stamp) = read_stamped_once(&stamped).await;
+        let read_at = crate::publish::now_ns();
+        assert_eq!(data, b"abc");
+        let stamp = stamp.expect("SO_TIMESTAMPNS was set by tcp_connect");
+        assert!(stamp >= before, "{stamp} < {before}");
+        assert!(
+            read_at - stamp >= 40_000_000,
+            "stamped at the read, not the arrival"
+        );
+        let (data, stamp) = read_stamped_once(&plain).await;
+        assert_eq!(data, b"def");
+        assert_eq!(stamp, None);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! `run` opens the connections in worker processes (`--procs`, raised as needed to stay under
 //! the file-descriptor limit), spread over source addresses 127.0.0.1..N, subscribes them, then
 //! publishes on a schedule with a send timestamp and a sequence number in every payload, and
-//! reports deliveries per second, publish-to-receive latency (HdrHistogram), messages missing
+//! reports deliveries per second, publish-to-receive latency (HdrHistogram; also up to the
+//! kernel's receive timestamp on the generator's socket), messages missing
 //! and duplicated per connection, connects per second, and the watched server processes' CPU
 //! seconds and RSS over the run: a table on stdout, JSON with `--json`. `compare` prints results
 //! side by side, each figure also as a ratio to the first file. See loadtest/README.md.

@@ -98,6 +98,11 @@ pub struct Report {
     pub publish: Publish,
     pub deliveries: Deliveries,
     pub latency_ms: Percentiles,
+    /// Publish send -> the kernel's receive timestamp of the data on the generator's socket: the
+    /// latency without the generator's own wait to run (on a shared machine it waits behind
+    /// the server and Redis for a CPU).
+    #[serde(default)]
+    pub arrival_ms: Percentiles,
     /// The same publications read straight off Redis by one plain subscriber (`probe`): the
     /// baseline under the gateway's latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -193,6 +198,10 @@ impl Report {
         );
         self.latency_ms = percentiles(
             results.iter().flat_map(|r| r.latency_us.iter().copied()),
+            1e-3,
+        );
+        self.arrival_ms = percentiles(
+            results.iter().flat_map(|r| r.arrival_us.iter().copied()),
             1e-3,
         );
         d.seconds = window_seconds;
@@ -299,6 +308,14 @@ impl Report {
                 "latency (ms)       p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (publish send -> receive, {} samples)",
                 l.p50, l.p99, l.p999, l.max, l.count
             );
+            let a = &self.arrival_ms;
+            if a.count > 0 {
+                let _ = writeln!(
+                    t,
+                    "  at the socket    p50 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (publish send -> kernel receive timestamp, before the generator runs)",
+                    a.p50, a.p99, a.p999, a.max
+                );
+            }
             if let Some(r) = self.redis_probe_ms.as_ref().filter(|r| r.count > 0) {
                 let _ = writeln!(
                     t,
@@ -336,7 +353,7 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         return t;
     };
     type Get = fn(&Report) -> f64;
-    let rows: [(&str, Get, &str); 18] = [
+    let rows: [(&str, Get, &str); 19] = [
         ("connections", |r| r.connections.connected as f64, ""),
         ("payload bytes", |r| r.payload_bytes as f64, ""),
         (
@@ -367,6 +384,11 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
             "lower is better",
         ),
         ("latency max (ms)", |r| r.latency_ms.max, "lower is better"),
+        (
+            "latency p99 at the socket (ms)",
+            |r| r.arrival_ms.p99,
+            "lower is better",
+        ),
         (
             "Redis subscriber p99 (ms)",
             |r| r.redis_probe_ms.as_ref().map_or(0.0, |p| p.p99),

@@ -57,6 +57,8 @@ struct Shared {
     index: usize,
     procs: usize,
     latency: RefCell<Histogram<u64>>,
+    /// Publish send -> the kernel's receive timestamp on this host (before the generator ran).
+    arrival: RefCell<Histogram<u64>>,
     connect: RefCell<Histogram<u64>>,
     tracks: RefCell<Vec<Track>>,
     inflater: RefCell<Decompress>,
@@ -98,6 +100,9 @@ pub struct WorkerResult {
     pub last_done_ns: u64,
     /// (value in microseconds, count)
     pub latency_us: Vec<(u64, u64)>,
+    /// (value in microseconds, count) of publish send -> socket arrival.
+    #[serde(default)]
+    pub arrival_us: Vec<(u64, u64)>,
     pub connect_us: Vec<(u64, u64)>,
 }
 
@@ -178,6 +183,7 @@ async fn run(cfg: Config, index: usize, procs: usize) {
         index,
         procs,
         latency: RefCell::new(new_histogram()),
+        arrival: RefCell::new(new_histogram()),
         connect: RefCell::new(new_histogram()),
         tracks: RefCell::new(tracks),
         inflater: RefCell::new(Decompress::new(false)),
@@ -295,19 +301,17 @@ fn result(shared: &Shared) -> WorkerResult {
         r.conns_with_missing += u64::from(missing > 0);
         r.conns_with_duplicates += u64::from(t.dups > 0);
     }
-    r.latency_us = shared
-        .latency
-        .borrow()
-        .iter_recorded()
-        .map(|v| (v.value_iterated_to(), v.count_at_value()))
-        .collect();
-    r.connect_us = shared
-        .connect
-        .borrow()
-        .iter_recorded()
-        .map(|v| (v.value_iterated_to(), v.count_at_value()))
-        .collect();
+    r.latency_us = recorded(&shared.latency.borrow());
+    r.arrival_us = recorded(&shared.arrival.borrow());
+    r.connect_us = recorded(&shared.connect.borrow());
     r
+}
+
+/// A histogram's recorded (value, count) pairs, as the worker hands them to the parent.
+fn recorded(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
 }
 
 async fn connection(
@@ -368,11 +372,15 @@ async fn connection(
     loop {
         let mut answer_ping = false;
         match ws.next(&shared.inflater).await {
-            Ok(Event::Message(m)) => {
+            Ok(Event::Message(m, arrived)) => {
                 if let Some((ts, n)) = shared.markers(m) {
                     let now = now_ns();
                     let us = now.saturating_sub(ts) / 1000;
                     let _ = shared.latency.borrow_mut().record(us.max(1));
+                    if let Some(arrived) = arrived {
+                        let us = arrived.saturating_sub(ts) / 1000;
+                        let _ = shared.arrival.borrow_mut().record(us.max(1));
+                    }
                     shared.received.set(shared.received.get() + 1);
                     shared.tracks.borrow_mut()[j].record(n);
                 } else if engine_io && m == b"2" {
