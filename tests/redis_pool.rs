@@ -49,12 +49,19 @@ async fn a_connection_idle_past_the_threshold_is_pinged_before_reuse() {
     assert_eq!(server.command_calls("ping"), pings + 1);
 }
 
-#[tokio::test]
-async fn after_a_redis_restart_a_broken_connection_fails_once_then_is_replaced() {
+/// A pool with one connection that was busy a moment ago, whose Redis has just restarted
+/// (the server is returned to keep it running).
+async fn pool_across_a_restart() -> (RedisServer, Commands) {
     let mut server = RedisServer::start();
     let commands = commands(&server);
     get_once(&commands).await.expect("GET");
     server.restart();
+    (server, commands)
+}
+
+#[tokio::test]
+async fn after_a_redis_restart_a_broken_connection_fails_once_then_is_replaced() {
+    let (_server, commands) = pool_across_a_restart().await;
     // The pooled connection was closed by the old server; the pool cannot know before using it
     // (it was busy a moment ago, so it is not pinged).
     let first = get_once(&commands).await;
@@ -67,10 +74,7 @@ async fn after_a_redis_restart_a_broken_connection_fails_once_then_is_replaced()
 
 #[tokio::test]
 async fn discarding_idle_connections_after_a_restart_costs_no_failure() {
-    let mut server = RedisServer::start();
-    let commands = commands(&server);
-    get_once(&commands).await.expect("GET");
-    server.restart();
+    let (_server, commands) = pool_across_a_restart().await;
     commands.discard_idle();
     get_once(&commands)
         .await

@@ -127,6 +127,34 @@ fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64
     Ok((n as usize, stamp))
 }
 
+/// Waits until `stream` has data and reads it into `buf` with [`recv_stamped`].
+async fn read_stamped(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
+    let fd = stream.as_raw_fd();
+    loop {
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || recv_stamped(fd, buf)) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
+    }
+}
+
+/// Sets an `int` socket option to 1 (best effort: the generator works without either option
+/// it sets, only less well).
+fn enable_option(fd: RawFd, level: libc::c_int, name: libc::c_int) {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a 4-byte int option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Opens a TCP connection from `source` (port chosen at connect time, so each source address
 /// gets its own ephemeral port range per destination).
 pub async fn tcp_connect(source: Ipv4Addr, dest: SocketAddr) -> Result<TcpStream, ClientError> {
@@ -134,28 +162,13 @@ pub async fn tcp_connect(source: Ipv4Addr, dest: SocketAddr) -> Result<TcpStream
     // IP_BIND_ADDRESS_NO_PORT: bind() keeps the address only; connect() picks the port for the
     // whole 4-tuple, so one source address can reach 28k ports per destination.
     const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a 4-byte int option value.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            IP_BIND_ADDRESS_NO_PORT,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    // SO_TIMESTAMPNS: every read also says when its bytes arrived (see `read_stamped`).
-    // SAFETY: as above.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    enable_option(
+        socket.as_raw_fd(),
+        libc::IPPROTO_IP,
+        IP_BIND_ADDRESS_NO_PORT,
+    );
+    // SO_TIMESTAMPNS: every read also says when its bytes arrived (see `recv_stamped`).
+    enable_option(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TIMESTAMPNS);
     socket.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))?;
     let stream = socket.connect(dest).await?;
     stream.set_nodelay(true)?;
@@ -306,26 +319,11 @@ impl WsClient {
         }
     }
 
-    /// Reads into the free end of the buffer with `recvmsg`, keeping the receive timestamp.
+    /// Reads into the free end of the buffer, keeping the receive timestamp.
     async fn read_stamped(&mut self) -> std::io::Result<usize> {
-        loop {
-            self.stream.readable().await?;
-            let fd = self.stream.as_raw_fd();
-            let buf = &mut self.buf[self.end..];
-            match self
-                .stream
-                .try_io(Interest::READABLE, || recv_stamped(fd, buf))
-            {
-                Ok((n, stamp)) => {
-                    if stamp.is_some() {
-                        self.arrived_ns = stamp;
-                    }
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        let (n, stamp) = read_stamped(&self.stream, &mut self.buf[self.end..]).await?;
+        self.arrived_ns = stamp.or(self.arrived_ns);
+        Ok(n)
     }
 
     fn parse_one(&mut self, shared: &RefCell<Decompress>) -> Result<Parsed, ClientError> {
@@ -678,18 +676,11 @@ mod tests {
         assert_eq!(unmasked, b"p1");
     }
 
-    /// Reads what `server` sent on `stream` with `recv_stamped`.
+    /// What the peer sent on `stream`, read with `read_stamped`.
     async fn read_stamped_once(stream: &TcpStream) -> (Vec<u8>, Option<u64>) {
         let mut buf = [0u8; 16];
-        loop {
-            stream.readable().await.expect("readable");
-            let fd = stream.as_raw_fd();
-            match stream.try_io(Interest::READABLE, || recv_stamped(fd, &mut buf)) {
-                Ok((n, stamp)) => return (buf[..n].to_vec(), stamp),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => panic!("recvmsg: {e}"),
-            }
-        }
+        let (n, stamp) = read_stamped(stream, &mut buf).await.expect("recvmsg");
+        (buf[..n].to_vec(), stamp)
     }
 
     #[tokio::test]

@@ -155,16 +155,13 @@ impl CommandConnection {
 /// trip, nothing next to the round trip itself.
 impl ConnectionLike for CommandConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let sent = match self {
+            CommandConnection::Pool(conn) => conn.req_packed_command(cmd),
+            CommandConnection::Cluster(conn) => conn.req_packed_command(cmd),
+        };
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let reply = match self {
-                CommandConnection::Pool(conn) => {
-                    let reply = conn.req_packed_command(cmd).await;
-                    conn.note(&reply);
-                    reply
-                }
-                CommandConnection::Cluster(conn) => conn.req_packed_command(cmd).await,
-            };
+            let reply = sent.await;
             crate::metrics::redis_command(started.elapsed());
             if matches!(reply, Err(_) | Ok(Value::ServerError(_))) {
                 crate::metrics::redis_error("command");
@@ -179,18 +176,13 @@ impl ConnectionLike for CommandConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
+        let sent = match self {
+            CommandConnection::Pool(conn) => conn.req_packed_commands(cmd, offset, count),
+            CommandConnection::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        };
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let replies = match self {
-                CommandConnection::Pool(conn) => {
-                    let replies = conn.req_packed_commands(cmd, offset, count).await;
-                    conn.note(&replies);
-                    replies
-                }
-                CommandConnection::Cluster(conn) => {
-                    conn.req_packed_commands(cmd, offset, count).await
-                }
-            };
+            let replies = sent.await;
             crate::metrics::redis_command(started.elapsed());
             let failed = match &replies {
                 Err(_) => true,

@@ -9,18 +9,17 @@
 //! in a single pipeline with its `EXEC`), so the `UNWATCH` has nothing to undo, and the `PING`
 //! is kept only where it finds something:
 //! - a connection that saw a connection-level failure (I/O error, dropped, timed out) is marked
-//!   broken by its user ([`PooledConnection::note`]) and discarded instead of reused;
+//!   broken (every command through it notes its outcome) and discarded instead of reused;
 //! - a connection idle for [`PING_AFTER_IDLE`] or longer is pinged first, so one whose Redis went
 //!   away while the node was quiet is replaced before a caller's command fails on it;
 //! - the broker drops every idle connection when its subscription connection to the same Redis
 //!   had to reconnect ([`discard_idle`]): a restarted Redis has closed them all.
 
-use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use redis::aio::MultiplexedConnection;
-use redis::{RedisError, RedisResult};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 /// A pooled connection idle this long is pinged before it is handed out again.
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
@@ -74,7 +73,7 @@ pub struct PooledConnection {
 impl PooledConnection {
     /// Looks at a command's outcome: a connection-level failure means the connection must not
     /// be reused (a reply that is a Redis error says nothing about the connection).
-    pub fn note<T>(&mut self, outcome: &RedisResult<T>) {
+    fn note<T>(&mut self, outcome: &RedisResult<T>) {
         if outcome.as_ref().is_err_and(breaks_connection) {
             self.broken = true;
         }
@@ -86,16 +85,33 @@ fn breaks_connection(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout()
 }
 
-impl Deref for PooledConnection {
-    type Target = MultiplexedConnection;
-    fn deref(&self) -> &MultiplexedConnection {
-        &self.conn
+/// Every command notes its outcome on the way back, so a broken connection never goes out of
+/// the pool again. (The connection's inherent `send_packed_*` are called, so this is the only
+/// boxed future per command.)
+impl ConnectionLike for PooledConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let reply = self.conn.send_packed_command(cmd).await;
+            self.note(&reply);
+            reply
+        })
     }
-}
 
-impl DerefMut for PooledConnection {
-    fn deref_mut(&mut self) -> &mut MultiplexedConnection {
-        &mut self.conn
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let replies = self.conn.send_packed_commands(cmd, offset, count).await;
+            self.note(&replies);
+            replies
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
     }
 }
 
