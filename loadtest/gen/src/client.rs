@@ -693,6 +693,18 @@ mod tests {
         let (mut a, _) = listener.accept().await.expect("accept");
         let plain = TcpStream::connect(addr).await.expect("connect");
         let (mut b, _) = listener.accept().await.expect("accept");
+        // Linux turns receive timestamps on for the whole system lazily, from a work item, when
+        // the first socket asks: data arriving before that carries none. Wait until it does.
+        let mut warm = false;
+        for _ in 0..200 {
+            a.write_all(b"w").await.expect("write");
+            if read_stamped_once(&stamped).await.1.is_some() {
+                warm = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(warm, "no receive timestamp within 2 s of SO_TIMESTAMPNS");
 
         let before = crate::publish::now_ns();
         a.write_all(b"abc").await.expect("write");

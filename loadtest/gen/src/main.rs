@@ -217,6 +217,7 @@ async fn coordinate(mut cfg: Config) -> Report {
     let mut window_seconds = 0.0;
     let mut cpu_window = (0.0, 0.0);
     let mut aux_cpu = 0.0;
+    let mut generator_cpu = 0.0;
     if cfg.scenario == config::Scenario::Idle {
         // RSS with everything connected: two readings a second apart within 1 %.
         let mut after = procstat::rss_kib(&pids);
@@ -240,6 +241,9 @@ async fn coordinate(mut cfg: Config) -> Report {
         let stats = Arc::new(publish::PublishStats::default());
         let cpu1 = procstat::cpu(&pids);
         let aux1 = procstat::cpu(&aux);
+        // This process (publisher, probe) and its workers, which are all started by now.
+        let generator = procstat::with_descendants(&[std::process::id()]);
+        let gen1 = procstat::cpu(&generator);
         let probe = if cfg.target == config::Target::Wsgate {
             probe::Probe::start(&cfg).await
         } else {
@@ -299,6 +303,8 @@ async fn coordinate(mut cfg: Config) -> Report {
             (a.0 + a.1) - (aux1.0 + aux1.1)
         };
         cpu_window = (cpu2.0 - cpu1.0, cpu2.1 - cpu1.1);
+        let gen2 = procstat::cpu(&generator);
+        generator_cpu = (gen2.0 + gen2.1) - (gen1.0 + gen1.1);
         window_seconds = last_delivery.duration_since(t1).as_secs_f64();
         rep.publish.requested = cfg.total_publications();
         rep.publish.ok = stats.ok.load(std::sync::atomic::Ordering::Relaxed);
@@ -327,6 +333,7 @@ async fn coordinate(mut cfg: Config) -> Report {
         let _ = c.wait().await;
     }
     rep.fill(&cfg, &results, window_seconds, cpu_window, aux_cpu);
+    rep.generator_cpu_seconds = generator_cpu;
     print!("{}", rep.table());
     if let Some(path) = &cfg.json {
         std::fs::write(

@@ -78,3 +78,36 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
         })
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the report calls the generator's CPU: this process and the workers it started, so a
+    /// child's CPU counts too.
+    #[test]
+    fn a_childs_cpu_counts_with_its_parent() {
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh runs");
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        let family = with_descendants(&[me]);
+        let child_pid = child.id();
+        assert!(
+            family.contains(&me) && family.contains(&child_pid),
+            "{family:?}"
+        );
+        let (own_user, own_sys) = cpu(&[me]);
+        let (user, sys) = cpu(&family);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            user + sys >= own_user + own_sys + 0.2,
+            "the busy child's CPU is counted: {} s with it, {} s without",
+            user + sys,
+            own_user + own_sys
+        );
+    }
+}

@@ -108,6 +108,11 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_probe_ms: Option<Percentiles>,
     pub server: Server,
+    /// CPU (user + sys) of the generator itself (coordinator, publisher and workers) over the
+    /// publishing window: on a shared machine its share of the CPUs is what the servers and
+    /// Redis did not get.
+    #[serde(default)]
+    pub generator_cpu_seconds: f64,
     pub config: Option<Config>,
 }
 
@@ -331,6 +336,13 @@ impl Report {
             if s.aux_cpu_seconds > 0.0 {
                 let _ = writeln!(t, "redis CPU          {:.2} s", s.aux_cpu_seconds);
             }
+            if self.generator_cpu_seconds > 0.0 {
+                let _ = writeln!(
+                    t,
+                    "generator CPU      {:.2} s (the load generator's own, same window)",
+                    self.generator_cpu_seconds
+                );
+            }
         }
         let _ = writeln!(
             t,
@@ -353,7 +365,7 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         return t;
     };
     type Get = fn(&Report) -> f64;
-    let rows: [(&str, Get, &str); 19] = [
+    let rows: [(&str, Get, &str); 20] = [
         ("connections", |r| r.connections.connected as f64, ""),
         ("payload bytes", |r| r.payload_bytes as f64, ""),
         (
@@ -412,6 +424,7 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         ("missing", |r| r.deliveries.missing as f64, ""),
         ("duplicated", |r| r.deliveries.duplicated as f64, ""),
         ("redis CPU (s)", |r| r.server.aux_cpu_seconds, ""),
+        ("generator CPU (s)", |r| r.generator_cpu_seconds, ""),
         ("publications accepted", |r| r.publish.ok as f64, ""),
     ];
     let _ = write!(t, "| figure |");
