@@ -128,12 +128,28 @@ fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64
 }
 
 /// Waits until `stream` has data and reads it into `buf` with [`recv_stamped`].
+///
+/// A read that leaves room in `buf` took everything the socket held, so it also clears the
+/// stream's readiness: otherwise the next read would find the socket ready, make a second
+/// `recvmsg` only to get `EAGAIN`, and double the generator's syscalls per message. Readiness
+/// that arrives meanwhile is newer than the one cleared, and tokio keeps it.
 async fn read_stamped(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
     let fd = stream.as_raw_fd();
+    let room = buf.len();
     loop {
         stream.readable().await?;
-        match stream.try_io(Interest::READABLE, || recv_stamped(fd, buf)) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+        let mut drained = None;
+        match stream.try_io(Interest::READABLE, || match recv_stamped(fd, buf) {
+            Ok((n, stamp)) if n > 0 && n < room => {
+                drained = Some((n, stamp));
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+            read => read,
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match drained {
+                Some(read) => return Ok(read),
+                None => continue,
+            },
             read => return read,
         }
     }
