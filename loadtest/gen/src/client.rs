@@ -146,10 +146,11 @@ async fn read_stamped(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<(us
             }
             read => read,
         }) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match drained {
-                Some(read) => return Ok(read),
-                None => continue,
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(read) = drained {
+                    return Ok(read);
+                }
+            }
             read => return read,
         }
     }
@@ -739,6 +740,20 @@ mod tests {
         let (data, stamp) = read_stamped_once(&plain).await;
         assert_eq!(data, b"def");
         assert_eq!(stamp, None);
+
+        // A read that fills the buffer leaves the socket ready: the rest is read next, without
+        // new data arriving to wake it.
+        a.write_all(&[7u8; 20]).await.expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (first, _) = read_stamped_once(&stamped).await;
+        assert_eq!(first, [7u8; 16]);
+        let rest = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_stamped_once(&stamped),
+        )
+        .await
+        .expect("the rest is read without another wake-up");
+        assert_eq!(rest.0, [7u8; 4]);
     }
 
     #[test]

@@ -135,7 +135,7 @@ async fn coordinate(mut cfg: Config) -> Report {
     let mut rep = Report::new(&cfg, procs, &pids);
     rep.server.rss_before_kib = procstat::rss_kib(&pids);
     let mut rss_peak = rep.server.rss_before_kib;
-    let cpu0 = procstat::cpu(&pids);
+    let connect_cpu = procstat::CpuSince::start(&pids);
     let t0 = Instant::now();
 
     // Workers.
@@ -210,8 +210,7 @@ async fn coordinate(mut cfg: Config) -> Report {
         }
     }
     rep.connect_phase_seconds = t0.elapsed().as_secs_f64();
-    let cpu_connected = procstat::cpu(&pids);
-    rep.server.connect_cpu_seconds = (cpu_connected.0 + cpu_connected.1) - (cpu0.0 + cpu0.1);
+    rep.server.connect_cpu_seconds = connect_cpu.total();
 
     tokio::time::sleep(Duration::from_secs_f64(cfg.settle)).await;
     let mut window_seconds = 0.0;
@@ -239,11 +238,11 @@ async fn coordinate(mut cfg: Config) -> Report {
         rep.server.rss_connected_kib = procstat::rss_kib(&pids);
         let cfg = Arc::new(cfg.clone());
         let stats = Arc::new(publish::PublishStats::default());
-        let cpu1 = procstat::cpu(&pids);
-        let aux1 = procstat::cpu(&aux);
+        let server_cpu = procstat::CpuSince::start(&pids);
+        let aux_cpu_since = procstat::CpuSince::start(&aux);
         // This process (publisher, probe) and its workers, which are all started by now.
-        let generator = procstat::with_descendants(&[std::process::id()]);
-        let gen1 = procstat::cpu(&generator);
+        let generator_cpu_since =
+            procstat::CpuSince::start(&procstat::with_descendants(&[std::process::id()]));
         let probe = if cfg.target == config::Target::Wsgate {
             probe::Probe::start(&cfg).await
         } else {
@@ -297,14 +296,9 @@ async fn coordinate(mut cfg: Config) -> Report {
         if let Some(probe) = probe {
             rep.redis_probe_ms = Some(report::of_histogram(&probe.stop().await, 1e-3));
         }
-        let cpu2 = procstat::cpu(&pids);
-        aux_cpu = {
-            let a = procstat::cpu(&aux);
-            (a.0 + a.1) - (aux1.0 + aux1.1)
-        };
-        cpu_window = (cpu2.0 - cpu1.0, cpu2.1 - cpu1.1);
-        let gen2 = procstat::cpu(&generator);
-        generator_cpu = (gen2.0 + gen2.1) - (gen1.0 + gen1.1);
+        cpu_window = server_cpu.split();
+        aux_cpu = aux_cpu_since.total();
+        generator_cpu = generator_cpu_since.total();
         window_seconds = last_delivery.duration_since(t1).as_secs_f64();
         rep.publish.requested = cfg.total_publications();
         rep.publish.ok = stats.ok.load(std::sync::atomic::Ordering::Relaxed);

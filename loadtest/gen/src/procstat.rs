@@ -68,6 +68,34 @@ pub fn cpu(pids: &[u32]) -> (f64, f64) {
         })
 }
 
+/// CPU seconds of a set of processes from a starting moment on.
+pub struct CpuSince {
+    pids: Vec<u32>,
+    start: (f64, f64),
+}
+
+impl CpuSince {
+    /// Starts counting now for `pids` (as they are: processes started later are not counted).
+    pub fn start(pids: &[u32]) -> Self {
+        CpuSince {
+            pids: pids.to_vec(),
+            start: cpu(pids),
+        }
+    }
+
+    /// (user, sys) seconds since the start.
+    pub fn split(&self) -> (f64, f64) {
+        let (user, sys) = cpu(&self.pids);
+        (user - self.start.0, sys - self.start.1)
+    }
+
+    /// User + sys seconds since the start.
+    pub fn total(&self) -> f64 {
+        let (user, sys) = self.split();
+        user + sys
+    }
+}
+
 /// Summed VmRSS in KiB.
 pub fn rss_kib(pids: &[u32]) -> u64 {
     pids.iter()
@@ -92,22 +120,26 @@ mod tests {
             .args(["-c", "while :; do :; done"])
             .spawn()
             .expect("sh runs");
-        std::thread::sleep(std::time::Duration::from_millis(800));
-        let family = with_descendants(&[me]);
         let child_pid = child.id();
+        let family = with_descendants(&[me]);
         assert!(
             family.contains(&me) && family.contains(&child_pid),
             "{family:?}"
         );
-        let (own_user, own_sys) = cpu(&[me]);
-        let (user, sys) = cpu(&family);
+        let own = CpuSince::start(&[me]);
+        let with_child = CpuSince::start(&family);
+        // Until the child has run 0.2 s (however busy the machine is), at most 20 s.
+        let child_alone = CpuSince::start(&[child_pid]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child_alone.total() < 0.2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (own, with_child) = (own.total(), with_child.total());
         let _ = child.kill();
         let _ = child.wait();
         assert!(
-            user + sys >= own_user + own_sys + 0.2,
-            "the busy child's CPU is counted: {} s with it, {} s without",
-            user + sys,
-            own_user + own_sys
+            with_child >= own + 0.2,
+            "the busy child's CPU is counted: {with_child} s with it, {own} s without"
         );
     }
 }
