@@ -3,7 +3,7 @@
 //! Producers (fan-out, replies, pings) push shared frame `Bytes` and never wait. Writing takes
 //! everything queued at once and sends it with vectored writes, so a burst of publications costs
 //! one syscall per connection rather than one per frame. Two parties write, never at once (the
-//! [`Turn`], decided under the queue's lock): on the fast path the node's flusher
+//! `Turn`, decided under the queue's lock): on the fast path the node's flusher
 //! (`ws::flusher`), which a push onto an idle queue schedules and which only ever tries a write;
 //! and the connection's own writer task ([`run`]), which takes over when the socket is full (it
 //! waits for room under the write timeout), sends pings, and writes the farewell when the
@@ -423,7 +423,7 @@ pub enum WriterError {
     Stalled(Duration),
 }
 
-/// The connection's writer task: writes whenever the turn is its own (see [`Turn`]) until a
+/// The connection's writer task: writes whenever the turn is its own (see `Turn`) until a
 /// close is written or the socket fails, and sends a WebSocket ping every `ping_every` (if set)
 /// so that idle clients answer with a pong. `outbound` must come from
 /// [`Outbound::for_socket`]; a queue without a socket ends it at once.

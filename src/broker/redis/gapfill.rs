@@ -5,7 +5,7 @@
 //! connection is down (a reconnect, a failover) never reaches it. Every sequenced publication
 //! is also in its topic's history stream, so the node can fetch what it missed:
 //!
-//! - **Gap detection.** A [`Cursor`] per topic remembers the last `seq` delivered here (and its
+//! - **Gap detection.** A `Cursor` per topic remembers the last `seq` delivered here (and its
 //!   epoch). A publication right after it is delivered at once; one at or below it is a
 //!   duplicate and dropped; one further ahead reveals a gap: it is held, and a fill task reads
 //!   the history after the cursor, delivers the missing publications, then the held ones, in

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod broker;
+mod cluster_slots;
 pub mod commands;
 pub mod gapfill;
 pub mod history;

@@ -126,7 +126,7 @@ pub struct NodeInfo {
     pub heartbeat_at_ms: u64,
 }
 
-/// A presence hash entry is the broker's [`PresenceMember`], stored as JSON.
+/// A presence hash entry is the broker's [`PresenceMember`](crate::broker::PresenceMember), stored as JSON.
 pub use crate::broker::PresenceMember as PresenceEntry;
 
 #[derive(Debug, thiserror::Error)]

@@ -56,9 +56,10 @@
 //! (the `add`/`remove` notes, batching, linger, the first connection with backoff) is shared;
 //! what differs:
 //!
-//! - **Batches per slot.** One SSUBSCRIBE may only name channels of one slot (else `CrossSlot`),
-//!   so a batch is split by hash slot (channels sharing a `{tag}` share a slot; untagged names
-//!   such as `wsgate:broadcast` hash as a whole) and the per-slot commands run concurrently.
+//! - **Batches per slot** (the slot arithmetic is in `cluster_slots`). One SSUBSCRIBE may only
+//!   name channels of one slot (else `CrossSlot`), so a batch is split by hash slot (channels
+//!   sharing a `{tag}` share a slot; untagged names such as `wsgate:broadcast` hash as a whole)
+//!   and the per-slot commands run concurrently.
 //! - **Losing a master is not losing the connection.** The cluster connection reconnects to a
 //!   node by itself and re-sends that node's subscriptions (and moves them when slots move), but
 //!   it does not say when that is done. So a `Disconnection` push from any node, a failed
@@ -82,7 +83,7 @@
 //! # Where messages are handled
 //!
 //! redis-rs reads the connection on a driver task of its own and hands every push to the push
-//! sender we give it, synchronously, as it parses them. Our sender ([`PushRouter`]) calls the
+//! sender we give it, synchronously, as it parses them. Our sender (`PushRouter`) calls the
 //! handler right there for messages, and forwards only the rest (disconnection, server-side
 //! unsubscribes, confirmations) to the actor. Sending messages through the actor as well cost
 //! one more task wake-up per publication (driver -> actor -> flushers), which at moderate rates,
@@ -102,7 +103,6 @@ use rand::Rng;
 use redis::aio::{AsyncPushSender, MultiplexedConnection, SendError};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::Slot;
 use redis::{
     AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
     RedisError, Value,
@@ -110,6 +110,8 @@ use redis::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
+
+use super::cluster_slots;
 
 /// Called for every message on a subscribed channel (channel name, payload bytes). Runs on the
 /// connection's driver task (see "Where messages are handled"): must not block.
@@ -126,8 +128,6 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// The largest number of channels in one SUBSCRIBE/UNSUBSCRIBE command.
 pub const MAX_CHANNELS_PER_COMMAND: usize = 4096;
-/// In cluster mode, at most this many per-slot SSUBSCRIBE/SUNSUBSCRIBE commands are in flight.
-const MAX_CONCURRENT_SLOT_COMMANDS: usize = 64;
 /// At most this many pushes are handled per wake-up, so commands are never starved.
 const PUSH_BATCH: usize = 256;
 /// While Redis stays unreachable, every this many failed attempts is logged as a warning.
@@ -374,7 +374,7 @@ impl Conn {
                 }
                 Ok(())
             }
-            Conn::Cluster(conn) => per_slot(conn, channels, true).await,
+            Conn::Cluster(conn) => cluster_slots::per_slot(conn, channels, true).await,
         }
     }
 
@@ -387,169 +387,9 @@ impl Conn {
                 }
                 Ok(())
             }
-            Conn::Cluster(conn) => per_slot(conn, channels, false).await,
+            Conn::Cluster(conn) => cluster_slots::per_slot(conn, channels, false).await,
         }
     }
-}
-
-/// The cluster health check: succeeds only when every master answers. A keyless PING will not
-/// do: the cluster connection sends it to the connected masters only, and a command routed to a
-/// slot whose master is unreachable may be answered by another node. So this reads the slot
-/// map (`CLUSTER SLOTS`) and sends, per master, an `EXISTS` of a probe key in one of its slots:
-/// only the slot's owner answers that (others redirect to it).
-async fn probe_masters(mut conn: ClusterConnection) -> Result<(), RedisError> {
-    let slots: Value = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async(&mut conn)
-        .await?;
-    let ranges = master_slot_ranges(slots);
-    if ranges.is_empty() {
-        return Err(RedisError::from((
-            redis::ErrorKind::ClusterConnectionNotFound,
-            "CLUSTER SLOTS lists no slot",
-        )));
-    }
-    let mut running = tokio::task::JoinSet::new();
-    for (start, end) in ranges {
-        let Some(key) = probe_key(start, end) else {
-            continue;
-        };
-        let mut conn = conn.clone();
-        running.spawn(async move {
-            redis::cmd("EXISTS")
-                .arg(key)
-                .query_async::<Value>(&mut conn)
-                .await
-                .map(|_| ())
-        });
-    }
-    while let Some(done) = running.join_next().await {
-        slot_command_done(done)?;
-    }
-    Ok(())
-}
-
-/// One slot range per master from a `CLUSTER SLOTS` reply (`[[start, end, [host, port, id],
-/// replicas...], ...]`); ranges whose master id is unknown count as their own master.
-fn master_slot_ranges(reply: Value) -> Vec<(u16, u16)> {
-    let Value::Array(items) = reply else {
-        return Vec::new();
-    };
-    let mut seen = HashSet::new();
-    let mut ranges = Vec::new();
-    for item in items {
-        let Value::Array(fields) = item else { continue };
-        let (Some(Value::Int(start)), Some(Value::Int(end))) = (fields.first(), fields.get(1))
-        else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (u16::try_from(*start), u16::try_from(*end)) else {
-            continue;
-        };
-        let master_id = match fields.get(2) {
-            Some(Value::Array(master)) => match master.get(2) {
-                Some(Value::BulkString(id)) => Some(id.clone()),
-                _ => None,
-            },
-            _ => None,
-        };
-        if master_id.is_none_or(|id| seen.insert(id)) {
-            ranges.push((start, end));
-        }
-    }
-    ranges
-}
-
-/// A key whose hash slot is in `start..=end` (`None` if the range is not a valid slot range).
-fn probe_key(start: u16, end: u16) -> Option<String> {
-    if start > end || end >= CLUSTER_SLOTS {
-        return None;
-    }
-    // A random key lands in a given single slot once in 16384 tries on average.
-    (0..1_000_000u32)
-        .map(|n| format!("wsgate:probe:{n}"))
-        .find(|key| (start..=end).contains(&key_slot(key)))
-}
-
-/// The number of hash slots of a Redis Cluster.
-const CLUSTER_SLOTS: u16 = 16384;
-
-/// The hash slot of `key` (CRC16/XMODEM of the key, or of its `{hash tag}`, mod 16384).
-fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = bytes
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &bytes[open + 1..];
-            let close = rest.iter().position(|&b| b == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(bytes);
-    let mut crc: u16 = 0;
-    for &b in hashed {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % CLUSTER_SLOTS
-}
-
-/// SSUBSCRIBE (`subscribe`) or SUNSUBSCRIBE `channels` on a cluster: one command per slot (and
-/// per [`MAX_CHANNELS_PER_COMMAND`] channels), since one naming channels of several slots fails
-/// with `CrossSlot`; at most [`MAX_CONCURRENT_SLOT_COMMANDS`] in flight.
-async fn per_slot(
-    conn: &ClusterConnection,
-    channels: &[String],
-    subscribe: bool,
-) -> Result<(), RedisError> {
-    let mut by_slot: HashMap<Slot, Vec<String>> = HashMap::new();
-    for channel in channels {
-        by_slot
-            .entry(Slot::for_key(channel.as_bytes()))
-            .or_default()
-            .push(channel.clone());
-    }
-    let mut running = tokio::task::JoinSet::new();
-    for group in by_slot.into_values() {
-        for chunk in group.chunks(MAX_CHANNELS_PER_COMMAND) {
-            if running.len() >= MAX_CONCURRENT_SLOT_COMMANDS {
-                if let Some(done) = running.join_next().await {
-                    slot_command_done(done)?;
-                }
-            }
-            let mut conn = conn.clone();
-            let chunk = chunk.to_vec();
-            running.spawn(async move {
-                if subscribe {
-                    conn.ssubscribe(chunk).await
-                } else {
-                    conn.sunsubscribe(chunk).await
-                }
-            });
-        }
-    }
-    while let Some(done) = running.join_next().await {
-        slot_command_done(done)?;
-    }
-    Ok(())
-}
-
-fn slot_command_done(
-    done: Result<Result<(), RedisError>, tokio::task::JoinError>,
-) -> Result<(), RedisError> {
-    done.map_err(|e| {
-        RedisError::from((
-            redis::ErrorKind::Client,
-            "subscription task failed",
-            e.to_string(),
-        ))
-    })?
 }
 
 /// The push sender of one subscription connection: messages go to the handler at once, on the
@@ -626,7 +466,7 @@ struct Actor {
     degraded: bool,
     /// Cluster mode, degraded: when to probe again.
     resync_at: Option<Instant>,
-    /// Cluster mode: the running [`probe_masters`] (a task, so that pushes keep flowing while a
+    /// Cluster mode: the running `cluster_slots::probe_masters` (a task, so that pushes keep flowing while a
     /// master does not answer).
     probe: Option<JoinHandle<Result<(), RedisError>>>,
 }
@@ -645,7 +485,7 @@ enum Event {
 /// The result of the running probe (never, without one).
 async fn probe_done(probe: &mut Option<JoinHandle<Result<(), RedisError>>>) -> Event {
     match probe {
-        Some(task) => Event::ProbeDone(slot_command_done(task.await)),
+        Some(task) => Event::ProbeDone(cluster_slots::slot_command_done(task.await)),
         None => std::future::pending().await,
     }
 }
@@ -897,7 +737,7 @@ impl Actor {
         let (mut conn, push_rx) = self.open().await?;
         if let Conn::Cluster(cluster) = &conn {
             // Ready means every master answers, from the start.
-            probe_masters(cluster.clone()).await?;
+            cluster_slots::probe_masters(cluster.clone()).await?;
         }
 
         // A fresh connection has no subscriptions: everything wanted goes in one batch.
@@ -1009,7 +849,7 @@ impl Actor {
         );
     }
 
-    /// Cluster mode: starts [`probe_masters`] in a task unless one is running.
+    /// Cluster mode: starts `cluster_slots::probe_masters` in a task unless one is running.
     fn start_probe(&mut self) {
         if self.probe.is_some() {
             return;
@@ -1021,7 +861,7 @@ impl Actor {
         {
             let conn = conn.clone();
             self.probe = Some(tokio::spawn(async move {
-                tokio::time::timeout(RESPONSE_TIMEOUT, probe_masters(conn))
+                tokio::time::timeout(RESPONSE_TIMEOUT, cluster_slots::probe_masters(conn))
                     .await
                     .unwrap_or_else(|_| {
                         Err(RedisError::from((
@@ -1184,61 +1024,5 @@ impl Actor {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_slots_match_redis() {
-        // CLUSTER KEYSLOT reference values.
-        assert_eq!(key_slot("123456789"), 12739);
-        assert_eq!(key_slot("foo"), 12182);
-        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
-        for key in [
-            "wsgate:broadcast",
-            "wsgate:t:{routes}",
-            "a{b}c",
-            "foo{}{bar}",
-            "{",
-        ] {
-            assert_eq!(
-                Slot::new(key_slot(key)),
-                Some(Slot::for_key(key.as_bytes())),
-                "{key}"
-            );
-        }
-        let key = probe_key(100, 100).expect("a key for every slot");
-        assert_eq!(key_slot(&key), 100);
-        assert_eq!(probe_key(5, 4), None);
-    }
-
-    #[test]
-    fn one_slot_range_per_master() {
-        let node = |port: i64, id: &str| {
-            Value::Array(vec![
-                Value::BulkString(b"127.0.0.1".to_vec()),
-                Value::Int(port),
-                Value::BulkString(id.as_bytes().to_vec()),
-            ])
-        };
-        let range = |start: i64, end: i64, master: Value| {
-            Value::Array(vec![Value::Int(start), Value::Int(end), master])
-        };
-        let reply = Value::Array(vec![
-            range(0, 5460, node(7000, "m1")),
-            range(5461, 10922, node(7001, "m2")),
-            range(10923, 16000, node(7002, "m3")),
-            range(16001, 16383, node(7000, "m1")),
-            Value::Int(3),
-            range(-1, 5, node(7003, "bad")),
-        ]);
-        assert_eq!(
-            master_slot_ranges(reply),
-            vec![(0, 5460), (5461, 10922), (10923, 16000)]
-        );
-        assert!(master_slot_ranges(Value::Nil).is_empty());
     }
 }
