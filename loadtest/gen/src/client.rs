@@ -1,5 +1,6 @@
 //! A minimal WebSocket client (RFC 6455) with the receiving half of permessage-deflate (RFC 7692),
-//! and the three servers' subscribe handshakes.
+//! and the three servers' subscribe handshakes. The framing and inflation are in
+//! [`crate::frames`]; this file owns the socket: connect, upgrade, send, and the stamped reads.
 //!
 //! Why not tokio-tungstenite (already a dev-dependency of the gateway): it has no
 //! permessage-deflate, and the generator must negotiate it. Only the receiving side of the
@@ -19,19 +20,19 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 
 use base64::Engine;
-use flate2::{Decompress, FlushDecompress, Status};
+use flate2::Decompress;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::{Config, Scenario, Target};
+pub use crate::frames::Deflate;
+use crate::frames::{Frames, Step};
 
 /// The RFC 6455 example key and its accept value (the key only has to be a base64 nonce; a
 /// fixed one keeps SHA-1 out of the generator).
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
-/// Largest message accepted (after inflation).
-const MAX_MESSAGE: usize = 16 << 20;
 
 #[derive(Debug)]
 pub struct ClientError(pub String);
@@ -55,40 +56,16 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ClientError> {
 /// One event from the socket.
 pub enum Event<'a> {
     /// A complete text or binary message (inflated), and when its last bytes reached this
-    /// host's socket (see [`WsClient::arrived_ns`]).
+    /// host's socket (`SO_TIMESTAMPNS`, see [`Frames::message`]).
     Message(&'a [u8], Option<u64>),
     /// The server closed (close frame code, if any) or the TCP stream ended (`None`).
     Closed(Option<u16>),
 }
 
-/// permessage-deflate as negotiated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deflate {
-    Off,
-    /// Every message on its own (the server said `server_no_context_takeover`).
-    NoContext,
-    /// The server keeps its compression context between messages.
-    Context,
-}
-
 pub struct WsClient {
     stream: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// A fragmented message being put together: (compressed, bytes so far).
-    partial: Option<(bool, Vec<u8>)>,
-    /// The last message (inflated, or reassembled).
-    message: Vec<u8>,
-    pub deflate: Deflate,
-    /// Per-connection inflater (context takeover only).
-    inflater: Option<Box<Decompress>>,
-    /// Frames to send (pongs) after the current read.
-    out: Vec<u8>,
-    /// The kernel's receive timestamp (ns since the epoch, `SO_TIMESTAMPNS`) of the newest
-    /// bytes of the last read: when the data reached this host, before the generator got to run.
-    /// A message spanning reads gets the later one, so it never reads early.
-    arrived_ns: Option<u64>,
+    /// What has been read and not yet taken as messages.
+    pub frames: Frames,
 }
 
 /// One `recvmsg` into `buf`: the bytes read and, when the kernel attached one, the
@@ -111,20 +88,28 @@ fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    let stamp = receive_stamp(&msg);
+    Ok((n as usize, stamp))
+}
+
+/// The `SCM_TIMESTAMPNS` receive time among the control messages `msg` points at, if there is
+/// one (ns since the epoch, the clock of [`crate::publish::now_ns`]).
+pub fn receive_stamp(msg: &libc::msghdr) -> Option<u64> {
     let mut stamp = None;
-    // SAFETY: walking the control messages the kernel wrote, with the libc macros.
+    // SAFETY: walking control messages the kernel wrote (msg_control/msg_controllen describe
+    // a live buffer), with the libc macros, which stop at msg_controllen.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
             {
                 let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::timespec);
                 stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
-    Ok((n as usize, stamp))
+    stamp
 }
 
 /// Waits until `stream` has data and reads it into `buf` with [`recv_stamped`].
@@ -274,18 +259,9 @@ impl WsClient {
         if !accept_ok {
             return err("upgrade answered without the right Sec-WebSocket-Accept");
         }
-        let inflater = (deflate == Deflate::Context).then(|| Box::new(Decompress::new(false)));
         Ok(WsClient {
             stream,
-            buf,
-            start: head_len,
-            end,
-            partial: None,
-            message: Vec::new(),
-            deflate,
-            inflater,
-            out: Vec::new(),
-            arrived_ns: None,
+            frames: Frames::new(buf, head_len, end, deflate),
         })
     }
 
@@ -304,192 +280,31 @@ impl WsClient {
         shared: &RefCell<Decompress>,
     ) -> Result<Event<'a>, ClientError> {
         loop {
-            match self.parse_one(shared)? {
-                Parsed::Message => {
-                    return Ok(Event::Message(&self.message, self.arrived_ns));
+            match self.frames.step(shared)? {
+                Step::Message => {
+                    let (m, arrived) = self.frames.message();
+                    return Ok(Event::Message(m, arrived));
                 }
-                Parsed::Close(code) => return Ok(Event::Closed(code)),
-                Parsed::Control => continue,
-                Parsed::NeedMore => {}
+                Step::Close(code) => return Ok(Event::Closed(code)),
+                Step::NeedMore => {}
             }
-            if !self.out.is_empty() {
-                let out = std::mem::take(&mut self.out);
+            let out = self.frames.take_out();
+            if !out.is_empty() {
                 self.stream.write_all(&out).await?;
             }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.start > 0 && self.end == self.buf.len() {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if self.end == self.buf.len() {
-                let len = self.buf.len() * 2;
-                self.buf.resize(len, 0);
-            }
-            let n = self.read_stamped().await?;
+            let (n, stamp) = read_stamped(&self.stream, self.frames.spare()).await?;
             if n == 0 {
                 return Ok(Event::Closed(None));
             }
-            self.end += n;
+            self.frames.filled(n, stamp);
         }
     }
 
-    /// Reads into the free end of the buffer, keeping the receive timestamp.
-    async fn read_stamped(&mut self) -> std::io::Result<usize> {
-        let (n, stamp) = read_stamped(&self.stream, &mut self.buf[self.end..]).await?;
-        self.arrived_ns = stamp.or(self.arrived_ns);
-        Ok(n)
+    /// The socket (out of tokio's reactor, still non-blocking) and the bytes read so far, for
+    /// a receive loop of its own ([`crate::uring`]).
+    pub fn into_parts(self) -> std::io::Result<(std::net::TcpStream, Frames)> {
+        Ok((self.stream.into_std()?, self.frames))
     }
-
-    fn parse_one(&mut self, shared: &RefCell<Decompress>) -> Result<Parsed, ClientError> {
-        let avail = &self.buf[self.start..self.end];
-        if avail.len() < 2 {
-            return Ok(Parsed::NeedMore);
-        }
-        let (b0, b1) = (avail[0], avail[1]);
-        let fin = b0 & 0x80 != 0;
-        let rsv1 = b0 & 0x40 != 0;
-        let opcode = b0 & 0x0F;
-        if b1 & 0x80 != 0 {
-            return err("masked frame from the server");
-        }
-        let (len, header) = match b1 & 0x7F {
-            126 => {
-                if avail.len() < 4 {
-                    return Ok(Parsed::NeedMore);
-                }
-                (u16::from_be_bytes([avail[2], avail[3]]) as usize, 4)
-            }
-            127 => {
-                if avail.len() < 10 {
-                    return Ok(Parsed::NeedMore);
-                }
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&avail[2..10]);
-                (u64::from_be_bytes(b) as usize, 10)
-            }
-            l => (l as usize, 2),
-        };
-        if len > MAX_MESSAGE {
-            return err(format!("frame of {len} bytes"));
-        }
-        if avail.len() < header + len {
-            // Make room for the whole frame.
-            let need = header + len;
-            if need > self.buf.len() - self.start {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-                if need > self.buf.len() {
-                    self.buf.resize(need.next_power_of_two(), 0);
-                }
-            }
-            return Ok(Parsed::NeedMore);
-        }
-        let payload_at = self.start + header;
-        self.start += header + len;
-        let payload = payload_at..payload_at + len;
-        match opcode {
-            0x8 => {
-                let p = &self.buf[payload];
-                let code = (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
-                Ok(Parsed::Close(code))
-            }
-            0x9 => {
-                let p = self.buf[payload].to_vec();
-                encode_frame(&mut self.out, 0xA, &p);
-                Ok(Parsed::Control)
-            }
-            0xA => Ok(Parsed::Control),
-            0x0..=0x2 => {
-                let compressed;
-                if opcode == 0x0 {
-                    let Some((c, mut data)) = self.partial.take() else {
-                        return err("continuation without a first frame");
-                    };
-                    data.extend_from_slice(&self.buf[payload]);
-                    if !fin {
-                        self.partial = Some((c, data));
-                        return Ok(Parsed::NeedMore);
-                    }
-                    compressed = c;
-                    if compressed {
-                        self.inflate_owned(data, shared)?;
-                    } else {
-                        self.message = data;
-                    }
-                    return Ok(Parsed::Message);
-                }
-                compressed = rsv1;
-                if compressed && self.deflate == Deflate::Off {
-                    return err("RSV1 without permessage-deflate");
-                }
-                if !fin {
-                    self.partial = Some((compressed, self.buf[payload].to_vec()));
-                    return Ok(Parsed::NeedMore);
-                }
-                if compressed {
-                    let data = self.buf[payload].to_vec();
-                    self.inflate_owned(data, shared)?;
-                } else {
-                    self.message.clear();
-                    self.message.extend_from_slice(&self.buf[payload]);
-                }
-                Ok(Parsed::Message)
-            }
-            other => err(format!("opcode {other}")),
-        }
-    }
-
-    fn inflate_owned(
-        &mut self,
-        mut data: Vec<u8>,
-        shared: &RefCell<Decompress>,
-    ) -> Result<(), ClientError> {
-        data.extend_from_slice(&[0, 0, 0xff, 0xff]);
-        // Borrowed only here, never across an await: every connection of the worker shares it.
-        let mut shared = shared.borrow_mut();
-        let inflater: &mut Decompress = match &mut self.inflater {
-            Some(own) => own,
-            None => {
-                shared.reset(false);
-                &mut shared
-            }
-        };
-        self.message.clear();
-        self.message.reserve(data.len() * 4);
-        let mut input = &data[..];
-        loop {
-            if self.message.len() == self.message.capacity() {
-                self.message.reserve(self.message.capacity().max(1024));
-            }
-            let before_in = inflater.total_in();
-            let status = inflater
-                .decompress_vec(input, &mut self.message, FlushDecompress::Sync)
-                .map_err(|e| ClientError(format!("inflate: {e}")))?;
-            let used = (inflater.total_in() - before_in) as usize;
-            input = &input[used..];
-            if self.message.len() > MAX_MESSAGE {
-                return err("inflated message too large");
-            }
-            if input.is_empty() && self.message.len() < self.message.capacity() {
-                break;
-            }
-            if status == Status::StreamEnd {
-                break;
-            }
-        }
-        Ok(())
-    }
-}
-
-enum Parsed {
-    Message,
-    Close(Option<u16>),
-    Control,
-    NeedMore,
 }
 
 /// Appends one masked frame.
@@ -669,7 +484,7 @@ mod tests {
         let mut ws = WsClient::handshake(stream, "h", "/ws", true)
             .await
             .expect("upgrade");
-        assert_eq!(ws.deflate, Deflate::NoContext);
+        assert_eq!(ws.frames.deflate, Deflate::NoContext);
         let shared = RefCell::new(Decompress::new(false));
         let mut got = Vec::new();
         loop {

@@ -45,6 +45,17 @@ pub enum PublishVia {
     Fcall,
 }
 
+/// How a worker process reads its sockets once they are connected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum Receive {
+    /// One io_uring per worker with a multishot `recvmsg` on every socket (see `uring.rs`);
+    /// falls back to epoll, saying so, where the kernel refuses io_uring.
+    #[default]
+    Uring,
+    /// tokio (epoll): one `recvmsg` per readable socket.
+    Epoll,
+}
+
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct Config {
     /// What to run.
@@ -87,6 +98,11 @@ pub struct Config {
     /// How publications are sent.
     #[arg(long, value_enum, default_value = "http")]
     pub publish: PublishVia,
+    /// How the workers read their sockets after connecting (not during the connect storm,
+    /// which reads nothing after the upgrade).
+    #[arg(long, value_enum, env = "LOADGEN_RECEIVE", default_value = "uring")]
+    #[serde(default)]
+    pub receive: Receive,
     /// Redis for `--publish redis|fcall`.
     #[arg(long, default_value = "127.0.0.1:6379")]
     pub redis: String,

@@ -15,10 +15,12 @@
 
 mod client;
 mod config;
+mod frames;
 mod probe;
 mod procstat;
 mod publish;
 mod report;
+mod uring;
 mod worker;
 
 use std::path::PathBuf;
@@ -241,8 +243,14 @@ async fn coordinate(mut cfg: Config) -> Report {
         let server_cpu = procstat::CpuSince::start(&pids);
         let aux_cpu_since = procstat::CpuSince::start(&aux);
         // This process (publisher, probe) and its workers, which are all started by now.
-        let generator_cpu_since =
-            procstat::CpuSince::start(&procstat::with_descendants(&[std::process::id()]));
+        let generator_pids = procstat::with_descendants(&[std::process::id()]);
+        let generator_cpu_since = procstat::CpuSince::start(&generator_pids);
+        let worker_pids: Vec<u32> = generator_pids
+            .iter()
+            .copied()
+            .filter(|&p| p != std::process::id())
+            .collect();
+        let worker_cpu_since = procstat::CpuSince::start(&worker_pids);
         let probe = if cfg.target == config::Target::Wsgate {
             probe::Probe::start(&cfg).await
         } else {
@@ -299,6 +307,7 @@ async fn coordinate(mut cfg: Config) -> Report {
         cpu_window = server_cpu.split();
         aux_cpu = aux_cpu_since.total();
         generator_cpu = generator_cpu_since.total();
+        rep.generator_reading_cpu_seconds = worker_cpu_since.total();
         window_seconds = last_delivery.duration_since(t1).as_secs_f64();
         rep.publish.requested = cfg.total_publications();
         rep.publish.ok = stats.ok.load(std::sync::atomic::Ordering::Relaxed);

@@ -113,6 +113,13 @@ pub struct Report {
     /// Redis did not get.
     #[serde(default)]
     pub generator_cpu_seconds: f64,
+    /// The part of it spent by the worker processes, which read the sockets (the rest is the
+    /// publisher and the Redis probe).
+    #[serde(default)]
+    pub generator_reading_cpu_seconds: f64,
+    /// How the workers read: "io_uring", "epoll" (or both, "+"-joined, if workers differed).
+    #[serde(default)]
+    pub generator_receive: String,
     pub config: Option<Config>,
 }
 
@@ -165,6 +172,10 @@ impl Report {
         cpu: (f64, f64),
         aux_cpu: f64,
     ) {
+        let mut receive: Vec<&str> = results.iter().map(|r| r.receive.as_str()).collect();
+        receive.sort_unstable();
+        receive.dedup();
+        self.generator_receive = receive.join("+");
         let c = &mut self.connections;
         c.requested = cfg.connections;
         let d = &mut self.deliveries;
@@ -339,8 +350,11 @@ impl Report {
             if self.generator_cpu_seconds > 0.0 {
                 let _ = writeln!(
                     t,
-                    "generator CPU      {:.2} s (the load generator's own, same window)",
-                    self.generator_cpu_seconds
+                    "generator CPU      {:.2} s (the load generator's own, same window): reading {:.2} s with {}, publishing and probing {:.2} s",
+                    self.generator_cpu_seconds,
+                    self.generator_reading_cpu_seconds,
+                    self.generator_receive,
+                    self.generator_cpu_seconds - self.generator_reading_cpu_seconds,
                 );
             }
         }
@@ -365,7 +379,7 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         return t;
     };
     type Get = fn(&Report) -> f64;
-    let rows: [(&str, Get, &str); 20] = [
+    let rows: [(&str, Get, &str); 21] = [
         ("connections", |r| r.connections.connected as f64, ""),
         ("payload bytes", |r| r.payload_bytes as f64, ""),
         (
@@ -425,6 +439,11 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         ("duplicated", |r| r.deliveries.duplicated as f64, ""),
         ("redis CPU (s)", |r| r.server.aux_cpu_seconds, ""),
         ("generator CPU (s)", |r| r.generator_cpu_seconds, ""),
+        (
+            "generator reading CPU (s)",
+            |r| r.generator_reading_cpu_seconds,
+            "",
+        ),
         ("publications accepted", |r| r.publish.ok as f64, ""),
     ];
     let _ = write!(t, "| figure |");

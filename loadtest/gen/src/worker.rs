@@ -21,8 +21,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::client::{self, Deflate, Event, WsClient};
-use crate::config::{Config, Scenario, Target};
+use crate::config::{Config, Receive, Scenario, Target};
 use crate::publish::now_ns;
+use crate::uring::{self, Happened, Next, Ring};
 
 /// Per-connection bookkeeping: which publication numbers of its stream arrived.
 struct Track {
@@ -75,6 +76,10 @@ struct Shared {
     closes: RefCell<BTreeMap<String, u64>>,
     ts_finder: Finder<'static>,
     n_finder: Finder<'static>,
+    /// Set when the io_uring loop reads the sockets: connections are handed over here once
+    /// subscribed, instead of each task reading its own.
+    uring: bool,
+    handed: RefCell<Vec<uring::Conn>>,
 }
 
 /// What a worker reports at `STOP`.
@@ -104,6 +109,9 @@ pub struct WorkerResult {
     #[serde(default)]
     pub arrival_us: Vec<(u64, u64)>,
     pub connect_us: Vec<(u64, u64)>,
+    /// How the sockets were read: "io_uring" or "epoll".
+    #[serde(default)]
+    pub receive: String,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -150,16 +158,27 @@ fn say(line: &str) {
 
 pub fn main(cfg: Config, index: usize, procs: usize) -> ! {
     crate::raise_nofile();
+    let mine = cfg.connections.div_ceil(procs.max(1));
+    let ring = match (cfg.receive, cfg.scenario) {
+        (Receive::Uring, scenario) if scenario != Scenario::Storm => match Ring::new(mine) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                eprintln!("worker {index}: io_uring unavailable ({e}); reading with epoll");
+                None
+            }
+        },
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, run(cfg, index, procs));
+    local.block_on(&rt, run(cfg, index, procs, ring));
     std::process::exit(0);
 }
 
-async fn run(cfg: Config, index: usize, procs: usize) {
+async fn run(cfg: Config, index: usize, procs: usize, ring: Option<Ring>) {
     let mine: Vec<usize> = (index..cfg.connections).step_by(procs).collect();
     let tracks = mine
         .iter()
@@ -200,6 +219,8 @@ async fn run(cfg: Config, index: usize, procs: usize) {
         closes: RefCell::new(BTreeMap::new()),
         ts_finder: Finder::new(b"\"lgts\":"),
         n_finder: Finder::new(b"\"lgn\":"),
+        uring: ring.is_some(),
+        handed: RefCell::new(Vec::new()),
     });
     let dests: Vec<(SocketAddr, String)> = shared
         .cfg
@@ -242,24 +263,27 @@ async fn run(cfg: Config, index: usize, procs: usize) {
             "expected": expected,
         })
     ));
-    {
-        let shared = Rc::clone(&shared);
-        tokio::task::spawn_local(async move {
-            let mut last = u64::MAX;
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let r = shared.received.get();
-                if r != last {
-                    say(&format!("P {r}"));
-                    last = r;
+    match ring {
+        Some(ring) => read_with_uring(&shared, ring),
+        None => {
+            let shared = Rc::clone(&shared);
+            tokio::task::spawn_local(async move {
+                let mut last = u64::MAX;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let r = shared.received.get();
+                    if r != last {
+                        say(&format!("P {r}"));
+                        last = r;
+                    }
+                }
+            });
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.trim() == "STOP" {
+                    break;
                 }
             }
-        });
-    }
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.trim() == "STOP" {
-            break;
         }
     }
     let result = result(&shared);
@@ -282,6 +306,7 @@ fn result(shared: &Shared) -> WorkerResult {
         unmarked: shared.unmarked.get(),
         first_start_ns: shared.first_start_ns.get(),
         last_done_ns: shared.last_done_ns.get(),
+        receive: if shared.uring { "io_uring" } else { "epoll" }.into(),
         ..WorkerResult::default()
     };
     let procs = shared.procs;
@@ -356,7 +381,7 @@ async fn connection(
     let us = start.elapsed().as_micros() as u64;
     let _ = shared.connect.borrow_mut().record(us.max(1));
     shared.connected.set(shared.connected.get() + 1);
-    if ws.deflate != Deflate::Off {
+    if ws.frames.deflate != Deflate::Off {
         shared.negotiated.set(shared.negotiated.get() + 1);
     } else if cfg.compression {
         shared.not_negotiated.set(shared.not_negotiated.get() + 1);
@@ -368,47 +393,121 @@ async fn connection(
         // which is fine for the few seconds a storm lasts).
         std::future::pending::<()>().await;
     }
-    let engine_io = cfg.target == Target::Socketio;
+    if shared.uring {
+        match ws.into_parts() {
+            Ok((stream, frames)) => {
+                shared
+                    .handed
+                    .borrow_mut()
+                    .push(uring::Conn { j, stream, frames })
+            }
+            Err(e) => shared.error(&shared.closes, format!("hand-over: {e}")),
+        }
+        return;
+    }
     loop {
-        let mut answer_ping = false;
-        match ws.next(&shared.inflater).await {
-            Ok(Event::Message(m, arrived)) => {
-                if let Some((ts, n)) = shared.markers(m) {
-                    let now = now_ns();
-                    let us = now.saturating_sub(ts) / 1000;
-                    let _ = shared.latency.borrow_mut().record(us.max(1));
-                    if let Some(arrived) = arrived {
-                        let us = arrived.saturating_sub(ts) / 1000;
-                        let _ = shared.arrival.borrow_mut().record(us.max(1));
-                    }
-                    shared.received.set(shared.received.get() + 1);
-                    shared.tracks.borrow_mut()[j].record(n);
-                } else if engine_io && m == b"2" {
-                    answer_ping = true;
-                } else {
-                    shared.unmarked.set(shared.unmarked.get() + 1);
+        let answer_ping = match ws.next(&shared.inflater).await {
+            Ok(Event::Message(m, arrived)) => shared.on_message(j, m, arrived),
+            Ok(Event::Closed(code)) => return shared.on_closed(code),
+            Err(e) => return shared.error(&shared.closes, e.0),
+        };
+        if answer_ping && ws.send_text(b"3").await.is_err() {
+            return shared.on_write_failed();
+        }
+    }
+}
+
+/// After READY: the io_uring loop reads every handed-over connection until `STOP` (or the end
+/// of stdin, read on a thread of its own), printing progress every 100 ms.
+fn read_with_uring(shared: &Shared, ring: Ring) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::stdin().lock().lines() {
+                match line {
+                    Ok(line) if line.trim() != "STOP" => continue,
+                    _ => break,
                 }
             }
-            Ok(Event::Closed(code)) => {
-                let what = match code {
-                    Some(c) => format!("close {c}"),
-                    None => "connection ended".to_string(),
-                };
-                *shared.closes.borrow_mut().entry(what).or_default() += 1;
-                return;
+            stop.store(true, std::sync::atomic::Ordering::Release);
+        });
+    }
+    let conns = shared.handed.take();
+    let mut last = u64::MAX;
+    let ran = ring.run(
+        conns,
+        &shared.inflater,
+        |j, happened| match happened {
+            Happened::Message(m, arrived) => {
+                if shared.on_message(j, m, arrived) {
+                    let mut f = Vec::with_capacity(8);
+                    client::encode_frame(&mut f, 0x1, b"3");
+                    Next::Reply(f)
+                } else {
+                    Next::Continue
+                }
             }
-            Err(e) => {
-                shared.error(&shared.closes, e.0);
-                return;
+            Happened::Closed(code) => {
+                shared.on_closed(code);
+                Next::Done
             }
+            Happened::Failed(e) => {
+                shared.error(&shared.closes, e);
+                Next::Done
+            }
+        },
+        || {
+            let r = shared.received.get();
+            if r != last {
+                say(&format!("P {r}"));
+                last = r;
+            }
+            !stop.load(std::sync::atomic::Ordering::Acquire)
+        },
+        Duration::from_millis(100),
+    );
+    if let Err(e) = ran {
+        shared.error(&shared.closes, format!("io_uring: {e}"));
+    }
+}
+
+impl Shared {
+    /// Records one message of connection `j`; true if it was engine.io's ping (answer "3").
+    fn on_message(&self, j: usize, m: &[u8], arrived: Option<u64>) -> bool {
+        if let Some((ts, n)) = self.markers(m) {
+            let now = now_ns();
+            let us = now.saturating_sub(ts) / 1000;
+            let _ = self.latency.borrow_mut().record(us.max(1));
+            if let Some(arrived) = arrived {
+                let us = arrived.saturating_sub(ts) / 1000;
+                let _ = self.arrival.borrow_mut().record(us.max(1));
+            }
+            self.received.set(self.received.get() + 1);
+            self.tracks.borrow_mut()[j].record(n);
+            false
+        } else if self.cfg.target == Target::Socketio && m == b"2" {
+            true
+        } else {
+            self.unmarked.set(self.unmarked.get() + 1);
+            false
         }
-        if answer_ping && ws.send_text(b"3").await.is_err() {
-            *shared
-                .closes
-                .borrow_mut()
-                .entry("write failed".into())
-                .or_default() += 1;
-            return;
-        }
+    }
+
+    fn on_closed(&self, code: Option<u16>) {
+        let what = match code {
+            Some(c) => format!("close {c}"),
+            None => "connection ended".to_string(),
+        };
+        *self.closes.borrow_mut().entry(what).or_default() += 1;
+    }
+
+    fn on_write_failed(&self) {
+        *self
+            .closes
+            .borrow_mut()
+            .entry("write failed".into())
+            .or_default() += 1;
     }
 }
