@@ -30,6 +30,8 @@
 # PUBLISH=redis|fcall. Pinning as in compare.sh: node + Redis on SERVER_CPUS (cpu 0), the
 # generator on GEN_CPUS (cpu 1); PIN=0 turns it off. Also measures the loopback write floor
 # (loadtest/tools/send_floor.c, unpinned) in the same run, as the reference for CPU per delivery.
+# The generator's own settings pass through its environment variables: LOADGEN_RECEIVE=epoll
+# (read with tokio instead of io_uring), LOADGEN_PROBE=false (no plain Redis subscriber beside).
 # Results go to OUT (default target/loadtest/scenarios-<time>). Connects to 127.0.0.1 only.
 set -euo pipefail
 

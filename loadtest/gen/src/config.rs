@@ -56,6 +56,10 @@ pub enum Receive {
     Epoll,
 }
 
+fn yes() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct Config {
     /// What to run.
@@ -103,6 +107,12 @@ pub struct Config {
     #[arg(long, value_enum, env = "LOADGEN_RECEIVE", default_value = "uring")]
     #[serde(default)]
     pub receive: Receive,
+    /// Run the Redis probe beside wsgate (a plain subscriber on the run's channels: the
+    /// one-hop baseline). It costs Redis a delivery and the generator a read per publication;
+    /// `--probe false` leaves both to the server under test.
+    #[arg(long, env = "LOADGEN_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
+    #[serde(default = "yes")]
+    pub probe: bool,
     /// Redis for `--publish redis|fcall`.
     #[arg(long, default_value = "127.0.0.1:6379")]
     pub redis: String,

@@ -251,7 +251,7 @@ async fn coordinate(mut cfg: Config) -> Report {
             .filter(|&p| p != std::process::id())
             .collect();
         let worker_cpu_since = procstat::CpuSince::start(&worker_pids);
-        let probe = if cfg.target == config::Target::Wsgate {
+        let probe = if cfg.target == config::Target::Wsgate && cfg.probe {
             probe::Probe::start(&cfg).await
         } else {
             None
