@@ -12,7 +12,7 @@ pub enum Scenario {
     /// `--topics` topics (default: one per connection), connection i on topic i mod topics;
     /// publications go round-robin over the topics.
     Topics,
-    /// Connection i is user u<i mod users>; messages go round-robin to the users
+    /// Connection i is user `u<i mod users>`; messages go round-robin to the users
     /// (wsgate: `POST /api/ws/send`, or the user's Redis channel).
     Users,
     /// Connections (each subscribed to one topic unless `--topics 0`) held idle: server RSS per
@@ -128,7 +128,7 @@ pub struct Config {
     /// Source addresses 127.0.0.1..=127.0.0.N, connection i from address i mod N.
     #[arg(long, default_value_t = 8)]
     pub source_ips: usize,
-    /// HS256 secret: every connection carries a JWT (`sub` u<i>, `exp` in an hour).
+    /// HS256 secret: every connection carries a JWT (`sub` `u<i>`, `exp` in an hour).
     #[arg(long, env = "LOADGEN_JWT_SECRET")]
     pub jwt_secret: Option<String>,
     /// Connects in flight at once, per worker process.
@@ -155,7 +155,7 @@ pub struct Config {
     /// A label for the result (the comparison table's column name).
     #[arg(long, default_value = "")]
     pub label: String,
-    /// Channel/topic name prefix (default: lg-<random>, fresh per run).
+    /// Channel/topic name prefix (default: `lg-<random>`, fresh per run).
     #[arg(long)]
     pub prefix: Option<String>,
 }

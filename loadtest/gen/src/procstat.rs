@@ -1,5 +1,5 @@
-//! The watched server processes: CPU seconds (user + sys, from /proc/<pid>/stat) and resident
-//! memory (VmRSS, from /proc/<pid>/status), each summed over the processes and their
+//! The watched server processes: CPU seconds (user + sys, from `/proc/<pid>/stat`) and resident
+//! memory (VmRSS, from `/proc/<pid>/status`), each summed over the processes and their
 //! descendants (nginx's workers, for instance).
 
 use std::collections::HashSet;

@@ -62,8 +62,10 @@ pub enum Happened<'a> {
 /// without io_uring is found out while the tokio path can still take over.
 pub struct Ring {
     ring: IoUring,
-    /// The provided-buffer ring: `BUFFERS` 16-byte entries, page-aligned, shared with the kernel.
+    /// The provided-buffer ring: `count` 16-byte entries, page-aligned, shared with the kernel.
     entries: *mut types::BufRingEntry,
+    /// Buffers (and ring entries): a power of two.
+    count: u16,
     entries_layout: std::alloc::Layout,
     /// The buffers the entries point at.
     buffers: Box<[u8]>,
@@ -76,6 +78,13 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(sockets: usize) -> std::io::Result<Ring> {
+        Ring::with_buffers(sockets, BUFFERS)
+    }
+
+    /// A ring with `count` buffers (a power of two); fewer than the sockets make receives run
+    /// out of buffers (`ENOBUFS`) and be armed again, which the loop handles.
+    fn with_buffers(sockets: usize, count: u16) -> std::io::Result<Ring> {
+        assert!(count.is_power_of_two(), "{count} buffers");
         let sq = (sockets.next_power_of_two() as u32).clamp(256, 4096);
         let cq = (sockets.next_power_of_two() as u32 * 2).clamp(1024, 65536);
         let ring = IoUring::builder()
@@ -84,7 +93,7 @@ impl Ring {
             .setup_cqsize(cq)
             .build(sq)?;
         let entries_layout =
-            std::alloc::Layout::from_size_align(BUFFERS as usize * 16, 4096).expect("valid");
+            std::alloc::Layout::from_size_align(count as usize * 16, 4096).expect("valid");
         // SAFETY: a non-zero size; freed in Drop with the same layout.
         let entries =
             unsafe { std::alloc::alloc_zeroed(entries_layout) } as *mut types::BufRingEntry;
@@ -97,12 +106,13 @@ impl Ring {
         let mut ring = Ring {
             ring,
             entries,
+            count,
             entries_layout,
-            buffers: vec![0u8; BUFFERS as usize * BUFFER_SIZE].into_boxed_slice(),
+            buffers: vec![0u8; count as usize * BUFFER_SIZE].into_boxed_slice(),
             tail: 0,
             template,
         };
-        for bid in 0..BUFFERS {
+        for bid in 0..count {
             ring.give_back(bid);
         }
         ring.publish_tail();
@@ -111,7 +121,7 @@ impl Ring {
         unsafe {
             ring.ring.submitter().register_buf_ring_with_flags(
                 ring.entries as u64,
-                BUFFERS,
+                count,
                 GROUP,
                 0,
             )?;
@@ -121,8 +131,8 @@ impl Ring {
 
     /// Puts buffer `bid` back at the ring's tail (seen by the kernel at [`Ring::publish_tail`]).
     fn give_back(&mut self, bid: u16) {
-        let slot = (self.tail & (BUFFERS - 1)) as usize;
-        // SAFETY: `slot` < BUFFERS entries; the kernel does not read entries past the published
+        let slot = (self.tail & (self.count - 1)) as usize;
+        // SAFETY: `slot` < `count` entries; the kernel does not read entries past the published
         // tail, and this one is past it until published.
         let entry = unsafe { &mut *self.entries.add(slot) };
         entry.set_addr(self.buffers.as_ptr() as u64 + bid as u64 * BUFFER_SIZE as u64);
@@ -364,8 +374,8 @@ mod tests {
 
     /// Where the kernel has no io_uring at all (ENOSYS) or forbids it (EPERM, the
     /// `io_uring_disabled` sysctl) there is nothing to test: the worker falls back to epoll.
-    fn ring_or_skip(sockets: usize) -> Option<Ring> {
-        match Ring::new(sockets) {
+    fn ring_or_skip(sockets: usize, buffers: u16) -> Option<Ring> {
+        match Ring::with_buffers(sockets, buffers) {
             Ok(ring) => Some(ring),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
                 eprintln!("skipped: io_uring unavailable here ({e})");
@@ -377,7 +387,7 @@ mod tests {
 
     #[tokio::test]
     async fn receives_messages_stamps_pongs_and_ends_on_every_socket() {
-        let Some(ring) = ring_or_skip(2) else {
+        let Some(ring) = ring_or_skip(2, BUFFERS) else {
             return;
         };
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -472,5 +482,69 @@ mod tests {
             .map(|(i, b)| b ^ pong[2 + i])
             .collect();
         assert_eq!(unmasked, b"p1");
+    }
+
+    #[tokio::test]
+    async fn sockets_that_find_no_free_buffer_are_armed_again() {
+        // Two buffers for sixteen sockets that all have data at once: most receives end with
+        // ENOBUFS and every message still arrives once its socket is armed again.
+        let Some(ring) = ring_or_skip(16, 2) else {
+            return;
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut conns = Vec::new();
+        let mut servers = Vec::new();
+        for j in 0..16 {
+            let client = crate::client::tcp_connect(Ipv4Addr::LOCALHOST, addr)
+                .await
+                .expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            conns.push(Conn {
+                j,
+                stream: client.into_std().expect("std"),
+                frames: Frames::new(Vec::new(), 0, 0, Deflate::Off),
+            });
+            servers.push(server);
+        }
+        let writer = std::thread::spawn(move || {
+            for round in 0..20 {
+                for (j, s) in servers.iter_mut().enumerate() {
+                    let text = format!("{j}:{round}");
+                    s.write_all(&server_frame(0x81, text.as_bytes()))
+                        .expect("write");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            servers
+        });
+        let got = RefCell::new(vec![Vec::new(); 16]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let inflater = RefCell::new(flate2::Decompress::new(false));
+        ring.run(
+            conns,
+            &inflater,
+            |j, happened| {
+                match happened {
+                    Happened::Message(m, _) => {
+                        got.borrow_mut()[j].push(String::from_utf8_lossy(m).into_owned())
+                    }
+                    Happened::Closed(code) => panic!("connection {j} closed: {code:?}"),
+                    Happened::Failed(e) => panic!("connection {j}: {e}"),
+                }
+                Next::Continue
+            },
+            || {
+                got.borrow().iter().map(Vec::len).sum::<usize>() < 16 * 20
+                    && Instant::now() < deadline
+            },
+            Duration::from_millis(5),
+        )
+        .expect("runs");
+        let _servers = writer.join().expect("writer");
+        for (j, messages) in got.into_inner().into_iter().enumerate() {
+            let want: Vec<String> = (0..20).map(|round| format!("{j}:{round}")).collect();
+            assert_eq!(messages, want, "connection {j}");
+        }
     }
 }
