@@ -422,21 +422,9 @@ async fn expect(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames::server_frame;
     use flate2::{Compress, Compression, FlushCompress};
     use tokio::net::TcpListener;
-
-    /// An unmasked server frame.
-    fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![first];
-        if payload.len() < 126 {
-            f.push(payload.len() as u8);
-        } else {
-            f.push(126);
-            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        f.extend_from_slice(payload);
-        f
-    }
 
     fn deflate_raw(data: &[u8]) -> Vec<u8> {
         let mut c = Compress::new(Compression::new(1), false);

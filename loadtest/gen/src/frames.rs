@@ -286,6 +286,21 @@ impl Frames {
     }
 }
 
+/// An unmasked frame as a server sends it (first byte: FIN, RSV1 and opcode), for the tests of
+/// every read path.
+#[cfg(test)]
+pub fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first];
+    if payload.len() < 126 {
+        f.push(payload.len() as u8);
+    } else {
+        f.push(126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,14 +309,7 @@ mod tests {
     fn fed_bytes_in_any_split_give_the_same_messages() {
         let mut stream = Vec::new();
         for text in ["one", "two", &"x".repeat(5000)] {
-            stream.push(0x81);
-            if text.len() < 126 {
-                stream.push(text.len() as u8);
-            } else {
-                stream.push(126);
-                stream.extend_from_slice(&(text.len() as u16).to_be_bytes());
-            }
-            stream.extend_from_slice(text.as_bytes());
+            stream.extend(server_frame(0x81, text.as_bytes()));
         }
         let shared = RefCell::new(Decompress::new(false));
         for chunk in [1, 7, 100, 10_000] {

@@ -224,15 +224,9 @@ impl Ring {
                     let errno = -cqe.result();
                     if errno == libc::ENOBUFS {
                         // Every buffer was in use: the request ended; it is armed again below.
-                    } else if conns[k].is_some() {
-                        on(
-                            conns[k].as_ref().map_or(0, |c| c.j),
-                            Happened::Failed(format!(
-                                "recvmsg: {}",
-                                std::io::Error::from_raw_os_error(errno)
-                            )),
-                        );
-                        conns[k] = None;
+                    } else if let Some(c) = conns[k].take() {
+                        let e = std::io::Error::from_raw_os_error(errno);
+                        on(c.j, Happened::Failed(format!("recvmsg: {e}")));
                     }
                 }
                 if !more && conns[k].is_some() {
@@ -358,18 +352,28 @@ mod tests {
     use std::net::{Ipv4Addr, TcpListener};
     use std::sync::atomic::AtomicU64;
 
-    use crate::frames::Deflate;
+    use crate::frames::{server_frame, Deflate};
 
-    fn server_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![first];
-        if payload.len() < 126 {
-            f.push(payload.len() as u8);
-        } else {
-            f.push(126);
-            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    /// `n` generator sockets (as `tcp_connect` makes them, receive timestamps on), each ready
+    /// for the loop, and the server end of each.
+    async fn connected(n: usize) -> (Vec<Conn>, Vec<std::net::TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut conns = Vec::new();
+        let mut servers = Vec::new();
+        for j in 0..n {
+            let client = crate::client::tcp_connect(Ipv4Addr::LOCALHOST, addr)
+                .await
+                .expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            conns.push(Conn {
+                j,
+                stream: client.into_std().expect("std"),
+                frames: Frames::new(Vec::new(), 0, 0, Deflate::Off),
+            });
+            servers.push(server);
         }
-        f.extend_from_slice(payload);
-        f
+        (conns, servers)
     }
 
     /// Where the kernel has no io_uring at all (ENOSYS) or forbids it (EPERM, the
@@ -390,23 +394,8 @@ mod tests {
         let Some(ring) = ring_or_skip(2, BUFFERS) else {
             return;
         };
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let big = "y".repeat(3 * BUFFER_SIZE);
-        let mut conns = Vec::new();
-        let mut servers = Vec::new();
-        for j in 0..2 {
-            let client = crate::client::tcp_connect(Ipv4Addr::LOCALHOST, addr)
-                .await
-                .expect("connect");
-            let (server, _) = listener.accept().expect("accept");
-            conns.push(Conn {
-                j,
-                stream: client.into_std().expect("std"),
-                frames: Frames::new(Vec::new(), 0, 0, Deflate::Off),
-            });
-            servers.push(server);
-        }
+        let (conns, mut servers) = connected(2).await;
         let before_late = std::sync::Arc::new(AtomicU64::new(0));
         let mut s1 = servers.pop().expect("two");
         let mut s0 = servers.pop().expect("two");
@@ -491,22 +480,7 @@ mod tests {
         let Some(ring) = ring_or_skip(16, 2) else {
             return;
         };
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut conns = Vec::new();
-        let mut servers = Vec::new();
-        for j in 0..16 {
-            let client = crate::client::tcp_connect(Ipv4Addr::LOCALHOST, addr)
-                .await
-                .expect("connect");
-            let (server, _) = listener.accept().expect("accept");
-            conns.push(Conn {
-                j,
-                stream: client.into_std().expect("std"),
-                frames: Frames::new(Vec::new(), 0, 0, Deflate::Off),
-            });
-            servers.push(server);
-        }
+        let (conns, mut servers) = connected(16).await;
         let writer = std::thread::spawn(move || {
             for round in 0..20 {
                 for (j, s) in servers.iter_mut().enumerate() {
