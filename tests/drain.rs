@@ -250,7 +250,12 @@ async fn draining_a_node_behind_haproxy_moves_its_clients_without_losing_a_messa
         Instant::now()
     });
 
-    // The draining node: not ready at once, still alive, refusing upgrades.
+    // The draining node: not ready (as soon as the drain task has run its first step, which on
+    // a loaded machine can come after the test's next request), still alive, refusing upgrades.
+    let not_ready_by = Instant::now() + Duration::from_secs(2);
+    while readyz(a_addr).await != 503 && Instant::now() < not_ready_by {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(readyz(a_addr).await, 503);
     assert_eq!(get(a_addr, "/healthz").await.0, 200);
     let (status, body) = http(
