@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use crate::metrics::{Sent, TRAFFIC};
 use crate::protocol::codes::CloseCode;
 use crate::protocol::filter::{Filter, SubscriptionOptions};
+use crate::ws::flusher;
 use crate::ws::writer::Outbound;
 use acks::Acks;
 use conflate::Conflator;
@@ -260,54 +261,57 @@ impl Hub {
         let payload_len = crate::metrics::frame_payload_len(publication.frame.plain());
         let mut queued = 0u64;
         let mut last_queued: Option<&Connection> = None;
-        for sub in subs.values() {
-            if let (Some((epoch, floor)), Some(seq), Some(e)) =
-                (&sub.floor, publication.seq, &publication.epoch)
-            {
-                if seq <= *floor && epoch == e {
-                    delivery.filtered += 1;
+        // A small fan-out goes to one flusher: one wake-up for all its writes.
+        flusher::gather(subs.len(), || {
+            for sub in subs.values() {
+                if let (Some((epoch, floor)), Some(seq), Some(e)) =
+                    (&sub.floor, publication.seq, &publication.epoch)
+                {
+                    if seq <= *floor && epoch == e {
+                        delivery.filtered += 1;
+                        continue;
+                    }
+                }
+                if let Some(held) = &sub.held {
+                    // Filtered when the recovery finishes, with the replayed publications.
+                    let mut held = held.lock();
+                    if held.len() >= MAX_HELD_DURING_RECOVERY {
+                        // A recovery this far behind a busy topic is a slow consumer: it reconnects
+                        // and recovers again rather than buffering without end.
+                        sub.conn.outbound.close(
+                            CloseCode::SlowConsumer,
+                            "too many live messages while recovering",
+                        );
+                        delivery.dropped += 1;
+                    } else {
+                        held.push(publication.clone());
+                        delivery.delivered += 1;
+                    }
                     continue;
                 }
-            }
-            if let Some(held) = &sub.held {
-                // Filtered when the recovery finishes, with the replayed publications.
-                let mut held = held.lock();
-                if held.len() >= MAX_HELD_DURING_RECOVERY {
-                    // A recovery this far behind a busy topic is a slow consumer: it reconnects
-                    // and recovers again rather than buffering without end.
-                    sub.conn.outbound.close(
-                        CloseCode::SlowConsumer,
-                        "too many live messages while recovering",
-                    );
-                    delivery.dropped += 1;
-                } else {
-                    held.push(publication.clone());
-                    delivery.delivered += 1;
+                if let Some(filter) = &sub.filter {
+                    if !data.as_ref().is_some_and(|d| filter.matches(d)) {
+                        delivery.filtered += 1;
+                        continue;
+                    }
                 }
-                continue;
-            }
-            if let Some(filter) = &sub.filter {
-                if !data.as_ref().is_some_and(|d| filter.matches(d)) {
-                    delivery.filtered += 1;
-                    continue;
+                let frame = publication.frame.for_recipient(sub.conn.deflate);
+                match &sub.conflator {
+                    // Not tracked for `requireAck`: the client asked for the latest value only, and
+                    // re-sending a superseded one would undo that (see `acks`).
+                    Some(c) => {
+                        c.offer(frame, payload_len, &sub.conn.outbound);
+                        delivery.delivered += 1;
+                    }
+                    None if self.queue_publication(&sub.conn, publication, frame) => {
+                        delivery.delivered += 1;
+                        queued += 1;
+                        last_queued = Some(&sub.conn);
+                    }
+                    None => delivery.dropped += 1,
                 }
             }
-            let frame = publication.frame.for_recipient(sub.conn.deflate);
-            match &sub.conflator {
-                // Not tracked for `requireAck`: the client asked for the latest value only, and
-                // re-sending a superseded one would undo that (see `acks`).
-                Some(c) => {
-                    c.offer(frame, payload_len, &sub.conn.outbound);
-                    delivery.delivered += 1;
-                }
-                None if self.queue_publication(&sub.conn, publication, frame) => {
-                    delivery.delivered += 1;
-                    queued += 1;
-                    last_queued = Some(&sub.conn);
-                }
-                None => delivery.dropped += 1,
-            }
-        }
+        });
         if let Some(conn) = last_queued {
             conn.outbound.probe(publication.received_at);
         }
@@ -347,7 +351,9 @@ impl Hub {
     /// Queues `frame` to every local connection of `user`; returns how many took it.
     pub fn deliver_to_user(&self, user: &str, frame: &SharedFrame) -> usize {
         let n = self.users.get(user).map_or(0, |conns| {
-            conns.iter().filter(|c| push_shared(c, frame)).count()
+            flusher::gather(conns.len(), || {
+                conns.iter().filter(|c| push_shared(c, frame)).count()
+            })
         });
         count_direct(frame, n)
     }
@@ -480,14 +486,23 @@ fn push_shared(conn: &Connection, frame: &SharedFrame) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::flusher::Flushers;
     use serde_json::value::RawValue;
 
     fn connection(hub: &Hub) -> Arc<Connection> {
+        connection_with(hub, Outbound::new(1 << 30), None)
+    }
+
+    fn connection_with(
+        hub: &Hub,
+        outbound: Arc<Outbound>,
+        user_id: Option<&str>,
+    ) -> Arc<Connection> {
         let conn = Arc::new(Connection {
             id: hub.next_conn_id(),
             client_id: Arc::from("held"),
-            user_id: None,
-            outbound: Outbound::new(1 << 30),
+            user_id: user_id.map(Arc::from),
+            outbound,
             connected_at: SystemTime::now(),
             deflate: None,
         });
@@ -505,6 +520,53 @@ mod tests {
         };
         let data = RawValue::from_string(format!("{{\"n\":{seq}}}")).expect("json");
         Publication::from_meta("busy", &meta, &data)
+    }
+
+    /// `n` connections subscribed to `topic` (all of user `user`), dealt to `flushers` in turn.
+    fn subscribed(hub: &Hub, flushers: &Flushers, topic: &str, n: usize, user: &str) {
+        let topic = Arc::from(topic);
+        for _ in 0..n {
+            let outbound = Outbound::with_flusher(1 << 30, flushers.assign());
+            let conn = connection_with(hub, outbound, Some(user));
+            hub.subscribe(&topic, &conn, &SubscriptionOptions::default());
+        }
+    }
+
+    /// A fan-out to fewer than SPREAD_AT connections puts them all on one flusher's list (one
+    /// wake-up), however they were dealt; a larger one stays spread over every flusher.
+    #[test]
+    fn a_small_fan_out_goes_to_one_flusher_a_large_one_spreads() {
+        let hub = Hub::new();
+        let flushers = Flushers::unstarted(2);
+        subscribed(&hub, &flushers, "busy", 4, "ann");
+        let d = hub.deliver(&publication(1));
+        assert_eq!(d.delivered, 4);
+        let mut listed = flushers.listed();
+        listed.sort();
+        assert_eq!(listed, [0, 4]);
+
+        let hub = Hub::new();
+        let flushers = Flushers::unstarted(2);
+        subscribed(&hub, &flushers, "busy", flusher::SPREAD_AT, "bob");
+        hub.deliver(&publication(1));
+        let half = flusher::SPREAD_AT / 2;
+        assert_eq!(flushers.listed(), [half, half]);
+    }
+
+    /// The same for a message to one user's few connections.
+    #[test]
+    fn a_message_to_one_user_goes_to_one_flusher() {
+        let hub = Hub::new();
+        let flushers = Flushers::unstarted(2);
+        subscribed(&hub, &flushers, "inbox", 3, "ann");
+        let frame = SharedFrame::new(crate::ws::frame::frame(
+            crate::ws::frame::OpCode::Text,
+            b"{}",
+        ));
+        assert_eq!(hub.deliver_to_user("ann", &frame), 3);
+        let mut listed = flushers.listed();
+        listed.sort();
+        assert_eq!(listed, [0, 3]);
     }
 
     /// A hub with one connection recovering its subscription to `busy`.

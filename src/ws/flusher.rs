@@ -15,8 +15,14 @@
 //! is decided under the queue's lock (see `writer::Turn`), so the two never write at once.
 //!
 //! There is one flusher per tokio worker thread; connections are dealt to them in turn, so a
-//! fan-out's writes spread over the cores.
+//! large fan-out's writes spread over the cores. A small one is better kept together: waking a
+//! second flusher from the producer's thread makes tokio unpark another worker to steal it (a
+//! futex wake, and on a VM an inter-processor interrupt), which costs more than the handful of
+//! writes it takes over. So a fan-out queued inside [`gather`] to fewer than [`SPREAD_AT`]
+//! connections sends every connection it schedules to one flusher, the first one's: one task
+//! wake-up per publication instead of one per flusher.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -31,6 +37,15 @@ struct Shard {
     wake: Notify,
 }
 
+impl Shard {
+    fn new() -> Arc<Self> {
+        Arc::new(Shard {
+            pending: Mutex::new(Pending::default()),
+            wake: Notify::new(),
+        })
+    }
+}
+
 /// Connections with frames to write, in the order they were scheduled.
 #[derive(Default)]
 struct Pending {
@@ -40,6 +55,50 @@ struct Pending {
     closed: bool,
 }
 
+/// Fan-outs to this many connections or more spread over every flusher; smaller ones go to one
+/// (see [`gather`]). At ~10 us per loopback write, 64 writes are well under a millisecond of one
+/// thread's time, and over a few wake-ups' worth.
+pub const SPREAD_AT: usize = 64;
+
+/// What [`gather`] has set up on this thread.
+enum Gathering {
+    /// Every connection goes to its own flusher.
+    Off,
+    /// A small fan-out is being queued: to the flusher of the first connection it scheduled.
+    On(Option<Arc<Shard>>),
+}
+
+thread_local! {
+    static GATHERING: RefCell<Gathering> = const { RefCell::new(Gathering::Off) };
+}
+
+/// Runs `queue`, which queues one fan-out to `recipients` connections. Below [`SPREAD_AT`],
+/// every connection it schedules goes to one flusher. `queue` must not await (it runs on this
+/// thread from start to end, as the hub's delivery loops do).
+pub fn gather<R>(recipients: usize, queue: impl FnOnce() -> R) -> R {
+    if recipients >= SPREAD_AT {
+        return queue();
+    }
+    // The outermost call turns gathering on and, on the way out (even by a panic), off again;
+    // a nested one keeps the outer fan-out's flusher.
+    struct Off;
+    impl Drop for Off {
+        fn drop(&mut self) {
+            GATHERING.with(|g| *g.borrow_mut() = Gathering::Off);
+        }
+    }
+    let outermost = GATHERING.with(|g| {
+        let mut g = g.borrow_mut();
+        let off = matches!(*g, Gathering::Off);
+        if off {
+            *g = Gathering::On(None);
+        }
+        off
+    });
+    let _off = outermost.then_some(Off);
+    queue()
+}
+
 /// A handle on one flusher, kept by each connection's queue.
 #[derive(Clone)]
 pub struct Flusher {
@@ -47,11 +106,21 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Puts `outbound` on the flusher's list (the caller gave it the flusher's turn). Returns
-    /// `false` when the flusher has stopped: the caller must write another way.
+    /// Puts `outbound` on the flusher's list (the caller gave it the flusher's turn), or on the
+    /// list of the flusher a [`gather`]ed fan-out uses. Returns `false` when the flusher has
+    /// stopped: the caller must write another way.
     pub(super) fn schedule(&self, outbound: Arc<Outbound>) -> bool {
+        let gathered = GATHERING.with(|g| match &mut *g.borrow_mut() {
+            Gathering::Off => None,
+            Gathering::On(Some(shard)) => Some(Arc::clone(shard)),
+            Gathering::On(first @ None) => {
+                *first = Some(Arc::clone(&self.shard));
+                None
+            }
+        });
+        let shard = gathered.as_ref().unwrap_or(&self.shard);
         let first = {
-            let mut pending = self.shard.pending.lock();
+            let mut pending = shard.pending.lock();
             if pending.closed {
                 return false;
             }
@@ -61,7 +130,7 @@ impl Flusher {
         // The flusher empties its whole list before it waits again, so only the first entry
         // since it last looked needs to wake it.
         if first {
-            self.shard.wake.notify_one();
+            shard.wake.notify_one();
         }
         true
     }
@@ -82,10 +151,7 @@ impl Flushers {
             .max(1);
         let shards = (0..count)
             .map(|_| {
-                let shard = Arc::new(Shard {
-                    pending: Mutex::new(Pending::default()),
-                    wake: Notify::new(),
-                });
+                let shard = Shard::new();
                 tokio::spawn(run(Arc::clone(&shard)));
                 Flusher { shard }
             })
@@ -94,6 +160,29 @@ impl Flushers {
             shards,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// `count` flushers whose tasks never run: their lists only fill (unit tests read them).
+    #[cfg(test)]
+    pub fn unstarted(count: usize) -> Self {
+        let shards = (0..count)
+            .map(|_| Flusher {
+                shard: Shard::new(),
+            })
+            .collect();
+        Flushers {
+            shards,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many connections are on each flusher's list (unit tests).
+    #[cfg(test)]
+    pub fn listed(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|f| f.shard.pending.lock().outbounds.len())
+            .collect()
     }
 
     /// The flusher for a new connection (round robin).

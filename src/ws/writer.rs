@@ -130,6 +130,12 @@ impl Outbound {
         Self::build(limit_bytes, None, None)
     }
 
+    /// A queue without a socket that schedules `flusher` (unit tests read where it went).
+    #[cfg(test)]
+    pub fn with_flusher(limit_bytes: usize, flusher: Flusher) -> Arc<Self> {
+        Self::build(limit_bytes, None, Some(flusher))
+    }
+
     /// The queue of a connection: `flusher` writes it on the fast path, and [`run`] (which
     /// must be started for it) does the rest.
     pub fn for_socket(limit_bytes: usize, socket: OwnedWriteHalf, flusher: Flusher) -> Arc<Self> {
