@@ -29,7 +29,9 @@
 # Publications go over HTTP (`POST /api/publish`, which runs FCALL wsgate_publish in Redis) unless
 # PUBLISH=redis|fcall. Pinning as in compare.sh: node + Redis on SERVER_CPUS (cpu 0), the
 # generator on GEN_CPUS (cpu 1); PIN=0 turns it off. Also measures the loopback write floor
-# (loadtest/tools/send_floor.c, unpinned) in the same run, as the reference for CPU per delivery.
+# (loadtest/tools/send_floor.c, unpinned) in the same run, as the reference for CPU per delivery;
+# with the latency scenario also the paced floor (loadtest/tools/latency_floor.c: its fan-out
+# pattern written by one C process to one epoll reader, CPU per write and latency percentiles).
 # The generator's own settings pass through its environment variables: LOADGEN_RECEIVE=epoll
 # (read with tokio instead of io_uring), LOADGEN_PROBE=false (no plain Redis subscriber beside).
 # Results go to OUT (default target/loadtest/scenarios-<time>). Connects to 127.0.0.1 only.
@@ -74,6 +76,14 @@ if command -v cc >/dev/null; then
     cc -O2 -o "$OUT/send_floor" loadtest/tools/send_floor.c
     "$OUT/send_floor" "$CONNECTIONS" 20 1 | sed 's/^/floor, one write per frame: /' | tee -a "$OUT/header.txt"
     "$OUT/send_floor" "$CONNECTIONS" 4 32 | sed 's/^/floor, 32 frames per writev: /' | tee -a "$OUT/header.txt"
+    # The latency scenario's pattern with nothing but one C writer and one epoll reader: the
+    # CPU per paced write and the tail this machine gives before any gateway or Redis runs.
+    case " $ONLY " in *" latency "*)
+        cc -O2 -o "$OUT/latency_floor" loadtest/tools/latency_floor.c
+        "$OUT/latency_floor" "$CONNECTIONS" $((CONNECTIONS / LATENCY_TOPICS)) "$LATENCY_RATE" \
+            "$LATENCY_DURATION" | sed 's/^/floor, paced fan-out (no gateway, no Redis): /' \
+            | tee -a "$OUT/header.txt" ;;
+    esac
 fi
 
 # run NAME MODE GENERATOR-ARGS...: a fresh Redis and node, then the generator.
