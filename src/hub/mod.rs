@@ -262,56 +262,55 @@ impl Hub {
         let mut queued = 0u64;
         let mut last_queued: Option<&Connection> = None;
         // A small fan-out goes to one flusher: one wake-up for all its writes.
-        flusher::gather(subs.len(), || {
-            for sub in subs.values() {
-                if let (Some((epoch, floor)), Some(seq), Some(e)) =
-                    (&sub.floor, publication.seq, &publication.epoch)
-                {
-                    if seq <= *floor && epoch == e {
-                        delivery.filtered += 1;
-                        continue;
-                    }
-                }
-                if let Some(held) = &sub.held {
-                    // Filtered when the recovery finishes, with the replayed publications.
-                    let mut held = held.lock();
-                    if held.len() >= MAX_HELD_DURING_RECOVERY {
-                        // A recovery this far behind a busy topic is a slow consumer: it reconnects
-                        // and recovers again rather than buffering without end.
-                        sub.conn.outbound.close(
-                            CloseCode::SlowConsumer,
-                            "too many live messages while recovering",
-                        );
-                        delivery.dropped += 1;
-                    } else {
-                        held.push(publication.clone());
-                        delivery.delivered += 1;
-                    }
+        let _gathered = flusher::gather(subs.len());
+        for sub in subs.values() {
+            if let (Some((epoch, floor)), Some(seq), Some(e)) =
+                (&sub.floor, publication.seq, &publication.epoch)
+            {
+                if seq <= *floor && epoch == e {
+                    delivery.filtered += 1;
                     continue;
                 }
-                if let Some(filter) = &sub.filter {
-                    if !data.as_ref().is_some_and(|d| filter.matches(d)) {
-                        delivery.filtered += 1;
-                        continue;
-                    }
+            }
+            if let Some(held) = &sub.held {
+                // Filtered when the recovery finishes, with the replayed publications.
+                let mut held = held.lock();
+                if held.len() >= MAX_HELD_DURING_RECOVERY {
+                    // A recovery this far behind a busy topic is a slow consumer: it reconnects
+                    // and recovers again rather than buffering without end.
+                    sub.conn.outbound.close(
+                        CloseCode::SlowConsumer,
+                        "too many live messages while recovering",
+                    );
+                    delivery.dropped += 1;
+                } else {
+                    held.push(publication.clone());
+                    delivery.delivered += 1;
                 }
-                let frame = publication.frame.for_recipient(sub.conn.deflate);
-                match &sub.conflator {
-                    // Not tracked for `requireAck`: the client asked for the latest value only, and
-                    // re-sending a superseded one would undo that (see `acks`).
-                    Some(c) => {
-                        c.offer(frame, payload_len, &sub.conn.outbound);
-                        delivery.delivered += 1;
-                    }
-                    None if self.queue_publication(&sub.conn, publication, frame) => {
-                        delivery.delivered += 1;
-                        queued += 1;
-                        last_queued = Some(&sub.conn);
-                    }
-                    None => delivery.dropped += 1,
+                continue;
+            }
+            if let Some(filter) = &sub.filter {
+                if !data.as_ref().is_some_and(|d| filter.matches(d)) {
+                    delivery.filtered += 1;
+                    continue;
                 }
             }
-        });
+            let frame = publication.frame.for_recipient(sub.conn.deflate);
+            match &sub.conflator {
+                // Not tracked for `requireAck`: the client asked for the latest value only, and
+                // re-sending a superseded one would undo that (see `acks`).
+                Some(c) => {
+                    c.offer(frame, payload_len, &sub.conn.outbound);
+                    delivery.delivered += 1;
+                }
+                None if self.queue_publication(&sub.conn, publication, frame) => {
+                    delivery.delivered += 1;
+                    queued += 1;
+                    last_queued = Some(&sub.conn);
+                }
+                None => delivery.dropped += 1,
+            }
+        }
         if let Some(conn) = last_queued {
             conn.outbound.probe(publication.received_at);
         }
@@ -351,9 +350,8 @@ impl Hub {
     /// Queues `frame` to every local connection of `user`; returns how many took it.
     pub fn deliver_to_user(&self, user: &str, frame: &SharedFrame) -> usize {
         let n = self.users.get(user).map_or(0, |conns| {
-            flusher::gather(conns.len(), || {
-                conns.iter().filter(|c| push_shared(c, frame)).count()
-            })
+            let _gathered = flusher::gather(conns.len());
+            conns.iter().filter(|c| push_shared(c, frame)).count()
         });
         count_direct(frame, n)
     }
@@ -532,8 +530,9 @@ mod tests {
         }
     }
 
-    /// A fan-out to fewer than SPREAD_AT connections puts them all on one flusher's list (one
-    /// wake-up), however they were dealt; a larger one stays spread over every flusher.
+    /// A fan-out to fewer than SPREAD_AT connections (4, and SPREAD_AT - 1 at the edge) puts
+    /// them all on one flusher's list (one wake-up), however they were dealt; one of SPREAD_AT
+    /// stays spread over every flusher.
     #[test]
     fn a_small_fan_out_goes_to_one_flusher_a_large_one_spreads() {
         let hub = Hub::new();
@@ -544,6 +543,14 @@ mod tests {
         let mut listed = flushers.listed();
         listed.sort();
         assert_eq!(listed, [0, 4]);
+
+        let hub = Hub::new();
+        let flushers = Flushers::unstarted(2);
+        subscribed(&hub, &flushers, "busy", flusher::SPREAD_AT - 1, "cy");
+        hub.deliver(&publication(1));
+        let mut listed = flushers.listed();
+        listed.sort();
+        assert_eq!(listed, [0, flusher::SPREAD_AT - 1]);
 
         let hub = Hub::new();
         let flushers = Flushers::unstarted(2);

@@ -18,11 +18,12 @@
 //! large fan-out's writes spread over the cores. A small one is better kept together: waking a
 //! second flusher from the producer's thread makes tokio unpark another worker to steal it (a
 //! futex wake, and on a VM an inter-processor interrupt), which costs more than the handful of
-//! writes it takes over. So a fan-out queued inside [`gather`] to fewer than [`SPREAD_AT`]
-//! connections sends every connection it schedules to one flusher, the first one's: one task
-//! wake-up per publication instead of one per flusher.
+//! writes it takes over. So while a fan-out to fewer than [`SPREAD_AT`] connections is queued
+//! under [`gather`], every connection it schedules goes to one flusher, the first one's: one
+//! task wake-up per publication instead of one per flusher.
 
 use std::cell::RefCell;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -44,6 +45,24 @@ impl Shard {
             wake: Notify::new(),
         })
     }
+
+    /// Puts `outbound` on the list; `false` when the flusher has stopped.
+    fn enqueue(&self, outbound: Arc<Outbound>) -> bool {
+        let first = {
+            let mut pending = self.pending.lock();
+            if pending.closed {
+                return false;
+            }
+            pending.outbounds.push(outbound);
+            pending.outbounds.len() == 1
+        };
+        // The flusher empties its whole list before it waits again, so only the first entry
+        // since it last looked needs to wake it.
+        if first {
+            self.wake.notify_one();
+        }
+        true
+    }
 }
 
 /// Connections with frames to write, in the order they were scheduled.
@@ -60,43 +79,42 @@ struct Pending {
 /// thread's time, and over a few wake-ups' worth.
 pub const SPREAD_AT: usize = 64;
 
-/// What [`gather`] has set up on this thread.
-enum Gathering {
-    /// Every connection goes to its own flusher.
-    Off,
-    /// A small fan-out is being queued: to the flusher of the first connection it scheduled.
-    On(Option<Arc<Shard>>),
-}
-
 thread_local! {
-    static GATHERING: RefCell<Gathering> = const { RefCell::new(Gathering::Off) };
+    /// While a [`Gathered`] fan-out is being queued on this thread: `Some`, holding the flusher
+    /// of the first connection it scheduled once there is one.
+    static GATHERING: RefCell<Option<Option<Arc<Shard>>>> = const { RefCell::new(None) };
 }
 
-/// Runs `queue`, which queues one fan-out to `recipients` connections. Below [`SPREAD_AT`],
-/// every connection it schedules goes to one flusher. `queue` must not await (it runs on this
-/// thread from start to end, as the hub's delivery loops do).
-pub fn gather<R>(recipients: usize, queue: impl FnOnce() -> R) -> R {
+/// Starts queueing one fan-out to `recipients` connections on this thread: below
+/// [`SPREAD_AT`], until the returned guard is dropped, every connection scheduled goes to one
+/// flusher. `None` for a larger fan-out, or inside another one (which keeps its flusher). The
+/// guard cannot cross an `await` (it is not `Send`), so it covers exactly one delivery loop.
+pub fn gather(recipients: usize) -> Option<Gathered> {
     if recipients >= SPREAD_AT {
-        return queue();
+        return None;
     }
-    // The outermost call turns gathering on and, on the way out (even by a panic), off again;
-    // a nested one keeps the outer fan-out's flusher.
-    struct Off;
-    impl Drop for Off {
-        fn drop(&mut self) {
-            GATHERING.with(|g| *g.borrow_mut() = Gathering::Off);
-        }
-    }
-    let outermost = GATHERING.with(|g| {
+    GATHERING.with(|g| {
         let mut g = g.borrow_mut();
-        let off = matches!(*g, Gathering::Off);
-        if off {
-            *g = Gathering::On(None);
+        if g.is_some() {
+            return None;
         }
-        off
-    });
-    let _off = outermost.then_some(Off);
-    queue()
+        *g = Some(None);
+        Some(Gathered {
+            _not_send: PhantomData,
+        })
+    })
+}
+
+/// A small fan-out being queued (see [`gather`]); dropping it (also by a panic) ends it.
+#[must_use = "the fan-out is gathered only while the guard lives"]
+pub struct Gathered {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for Gathered {
+    fn drop(&mut self) {
+        GATHERING.with(|g| *g.borrow_mut() = None);
+    }
 }
 
 /// A handle on one flusher, kept by each connection's queue.
@@ -110,29 +128,14 @@ impl Flusher {
     /// list of the flusher a [`gather`]ed fan-out uses. Returns `false` when the flusher has
     /// stopped: the caller must write another way.
     pub(super) fn schedule(&self, outbound: Arc<Outbound>) -> bool {
-        let gathered = GATHERING.with(|g| match &mut *g.borrow_mut() {
-            Gathering::Off => None,
-            Gathering::On(Some(shard)) => Some(Arc::clone(shard)),
-            Gathering::On(first @ None) => {
-                *first = Some(Arc::clone(&self.shard));
-                None
-            }
-        });
-        let shard = gathered.as_ref().unwrap_or(&self.shard);
-        let first = {
-            let mut pending = shard.pending.lock();
-            if pending.closed {
-                return false;
-            }
-            pending.outbounds.push(outbound);
-            pending.outbounds.len() == 1
-        };
-        // The flusher empties its whole list before it waits again, so only the first entry
-        // since it last looked needs to wake it.
-        if first {
-            shard.wake.notify_one();
-        }
-        true
+        // The borrow is held across `enqueue`, which only locks a list and wakes a task: nothing
+        // in it schedules again.
+        GATHERING.with(|g| match &mut *g.borrow_mut() {
+            None => self.shard.enqueue(outbound),
+            Some(first) => first
+                .get_or_insert_with(|| Arc::clone(&self.shard))
+                .enqueue(outbound),
+        })
     }
 }
 
@@ -149,22 +152,16 @@ impl Flushers {
             .metrics()
             .num_workers()
             .max(1);
-        let shards = (0..count)
-            .map(|_| {
-                let shard = Shard::new();
-                tokio::spawn(run(Arc::clone(&shard)));
-                Flusher { shard }
-            })
-            .collect();
-        Flushers {
-            shards,
-            next: AtomicUsize::new(0),
+        let flushers = Self::unstarted(count);
+        for flusher in &flushers.shards {
+            tokio::spawn(run(Arc::clone(&flusher.shard)));
         }
+        flushers
     }
 
-    /// `count` flushers whose tasks never run: their lists only fill (unit tests read them).
-    #[cfg(test)]
-    pub fn unstarted(count: usize) -> Self {
+    /// `count` flushers without their tasks: their lists only fill (`start` spawns the tasks;
+    /// unit tests read the lists).
+    pub(crate) fn unstarted(count: usize) -> Self {
         let shards = (0..count)
             .map(|_| Flusher {
                 shard: Shard::new(),
