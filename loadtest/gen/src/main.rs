@@ -20,6 +20,7 @@ mod probe;
 mod procstat;
 mod publish;
 mod report;
+mod timeline;
 mod uring;
 mod worker;
 

@@ -6,6 +6,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::timeline::{self, Summary, WindowFigures};
 use crate::worker::{new_histogram, WorkerResult};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -107,6 +108,12 @@ pub struct Report {
     /// baseline under the gateway's latency.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_probe_ms: Option<Percentiles>,
+    /// The latencies by window of send time (see `timeline.rs`): whether the tail is spread
+    /// over the run or made of a few stalls.
+    #[serde(default)]
+    pub timeline: Vec<WindowFigures>,
+    #[serde(default)]
+    pub timeline_summary: Summary,
     pub server: Server,
     /// CPU (user + sys) of the generator itself (coordinator, publisher and workers) over the
     /// publishing window: on a shared machine its share of the CPUs is what the servers and
@@ -220,6 +227,8 @@ impl Report {
             results.iter().flat_map(|r| r.arrival_us.iter().copied()),
             1e-3,
         );
+        self.timeline = timeline::merge(results.iter().flat_map(|r| r.timeline.iter()));
+        self.timeline_summary = timeline::summary(&self.timeline);
         d.seconds = window_seconds;
         if window_seconds > 0.0 {
             d.per_second = d.received as f64 / window_seconds;
@@ -332,6 +341,21 @@ impl Report {
                     a.p50, a.p99, a.p999, a.max
                 );
             }
+            let w = &self.timeline_summary;
+            if w.windows > 0 {
+                let _ = writeln!(
+                    t,
+                    "  by window        {} windows of {:.0} ms: p99 over {} ms in {} (at the socket in {}); median window p99 {:.3}, worst {:.3} (at {:.1} s)",
+                    w.windows,
+                    w.width_s * 1e3,
+                    timeline::OVER_MS,
+                    w.over,
+                    w.socket_over,
+                    w.median_p99_ms,
+                    w.worst_p99_ms,
+                    w.worst_at_s
+                );
+            }
             if let Some(r) = self.redis_probe_ms.as_ref().filter(|r| r.count > 0) {
                 let _ = writeln!(
                     t,
@@ -379,7 +403,7 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         return t;
     };
     type Get = fn(&Report) -> f64;
-    let rows: [(&str, Get, &str); 21] = [
+    let rows: [(&str, Get, &str); 23] = [
         ("connections", |r| r.connections.connected as f64, ""),
         ("payload bytes", |r| r.payload_bytes as f64, ""),
         (
@@ -413,6 +437,16 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
         (
             "latency p99 at the socket (ms)",
             |r| r.arrival_ms.p99,
+            "lower is better",
+        ),
+        (
+            "windows with p99 over 2 ms",
+            |r| r.timeline_summary.over as f64,
+            "lower is better",
+        ),
+        (
+            "median window p99 (ms)",
+            |r| r.timeline_summary.median_p99_ms,
             "lower is better",
         ),
         (

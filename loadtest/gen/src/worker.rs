@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::client::{self, Deflate, Event, WsClient};
 use crate::config::{Config, Receive, Scenario, Target};
 use crate::publish::now_ns;
+use crate::timeline::{self, Timeline, WindowResult};
 use crate::uring::{self, Happened, Next, Ring};
 
 /// Per-connection bookkeeping: which publication numbers of its stream arrived.
@@ -60,6 +61,7 @@ struct Shared {
     latency: RefCell<Histogram<u64>>,
     /// Publish send -> the kernel's receive timestamp on this host (before the generator ran).
     arrival: RefCell<Histogram<u64>>,
+    timeline: RefCell<Timeline>,
     connect: RefCell<Histogram<u64>>,
     tracks: RefCell<Vec<Track>>,
     inflater: RefCell<Decompress>,
@@ -109,6 +111,9 @@ pub struct WorkerResult {
     #[serde(default)]
     pub arrival_us: Vec<(u64, u64)>,
     pub connect_us: Vec<(u64, u64)>,
+    /// The latencies by window of send time (see `timeline.rs`).
+    #[serde(default)]
+    pub timeline: Vec<WindowResult>,
     /// How the sockets were read: "io_uring" or "epoll".
     #[serde(default)]
     pub receive: String,
@@ -197,6 +202,7 @@ async fn run(cfg: Config, index: usize, procs: usize, ring: Option<Ring>) {
             }
         })
         .collect();
+    let window_ns = timeline::width_ns(cfg.duration);
     let shared = Rc::new(Shared {
         cfg,
         index,
@@ -204,6 +210,7 @@ async fn run(cfg: Config, index: usize, procs: usize, ring: Option<Ring>) {
         latency: RefCell::new(new_histogram()),
         arrival: RefCell::new(new_histogram()),
         connect: RefCell::new(new_histogram()),
+        timeline: RefCell::new(Timeline::new(window_ns)),
         tracks: RefCell::new(tracks),
         inflater: RefCell::new(Decompress::new(false)),
         received: Cell::new(0),
@@ -329,6 +336,7 @@ fn result(shared: &Shared) -> WorkerResult {
     r.latency_us = recorded(&shared.latency.borrow());
     r.arrival_us = recorded(&shared.arrival.borrow());
     r.connect_us = recorded(&shared.connect.borrow());
+    r.timeline = shared.timeline.borrow().results();
     r
 }
 
@@ -480,6 +488,7 @@ impl Shared {
             let now = now_ns();
             let us = now.saturating_sub(ts) / 1000;
             let _ = self.latency.borrow_mut().record(us.max(1));
+            self.timeline.borrow_mut().record(ts, now, arrived);
             if let Some(arrived) = arrived {
                 let us = arrived.saturating_sub(ts) / 1000;
                 let _ = self.arrival.borrow_mut().record(us.max(1));
