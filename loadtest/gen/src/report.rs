@@ -227,8 +227,10 @@ impl Report {
             results.iter().flat_map(|r| r.arrival_us.iter().copied()),
             1e-3,
         );
-        self.timeline = timeline::merge(results.iter().flat_map(|r| r.timeline.iter()));
-        self.timeline_summary = timeline::summary(&self.timeline);
+        // The workers' windows are as wide as this (the same function of the same config).
+        let width_ns = timeline::width_ns(cfg.duration);
+        self.timeline = timeline::merge(results.iter().flat_map(|r| r.timeline.iter()), width_ns);
+        self.timeline_summary = timeline::summary(&self.timeline, width_ns);
         d.seconds = window_seconds;
         if window_seconds > 0.0 {
             d.per_second = d.received as f64 / window_seconds;

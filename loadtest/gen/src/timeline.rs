@@ -9,13 +9,16 @@
 //! run's p99 at 36 ms, where the windows between the stalls had a p99 of 0.2 ms.
 //!
 //! Workers record into a [`Timeline`] and hand its windows to the parent as [`WindowResult`]s
-//! (windows are numbered on the shared clock, so the parent merges them by number); the parent
-//! turns the merged windows into [`WindowFigures`] and a [`Summary`] for the report.
+//! (windows start on multiples of the width on the shared clock, so the parent merges them by
+//! start; the width is [`width_ns`] of the run's duration on both sides); the parent turns the
+//! merged windows into [`WindowFigures`] and a [`Summary`] for the report.
 
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+
+use crate::worker::recorded;
 
 /// The narrowest window.
 const MIN_WIDTH_NS: u64 = 100_000_000;
@@ -50,16 +53,16 @@ impl Timeline {
         }
     }
 
-    /// One delivery of a publication sent at `sent_ns`, read at `read_ns`, that reached the
-    /// socket at `arrived_ns` (when the kernel stamped it).
-    pub fn record(&mut self, sent_ns: u64, read_ns: u64, arrived_ns: Option<u64>) {
+    /// One delivery of a publication sent at `sent_ns`, read `read_us` later, that reached the
+    /// socket `socket_us` after it was sent (the kernel's stamp, where there is one).
+    pub fn record(&mut self, sent_ns: u64, read_us: u64, socket_us: Option<u64>) {
         let (read, socket) = self
             .windows
             .entry(sent_ns / self.width_ns)
             .or_insert_with(|| (histogram(), histogram()));
-        read.saturating_record((read_ns.saturating_sub(sent_ns) / 1000).max(1));
-        if let Some(arrived) = arrived_ns {
-            socket.saturating_record((arrived.saturating_sub(sent_ns) / 1000).max(1));
+        read.saturating_record(read_us);
+        if let Some(us) = socket_us {
+            socket.saturating_record(us);
         }
     }
 
@@ -68,25 +71,17 @@ impl Timeline {
             .iter()
             .map(|(&index, (read, socket))| WindowResult {
                 start_ns: index * self.width_ns,
-                width_ns: self.width_ns,
-                read_us: pairs(read),
-                socket_us: pairs(socket),
+                read_us: recorded(read),
+                socket_us: recorded(socket),
             })
             .collect()
     }
-}
-
-fn pairs(h: &Histogram<u32>) -> Vec<(u64, u64)> {
-    h.iter_recorded()
-        .map(|v| (v.value_iterated_to(), u64::from(v.count_at_value())))
-        .collect()
 }
 
 /// One window as a worker hands it over: (microseconds, count) pairs.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct WindowResult {
     pub start_ns: u64,
-    pub width_ns: u64,
     pub read_us: Vec<(u64, u64)>,
     pub socket_us: Vec<(u64, u64)>,
 }
@@ -96,7 +91,6 @@ pub struct WindowResult {
 pub struct WindowFigures {
     /// Seconds from the first window's start.
     pub at_s: f64,
-    pub width_s: f64,
     pub deliveries: u64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -105,13 +99,16 @@ pub struct WindowFigures {
     pub socket_max_ms: f64,
 }
 
-/// Merges the workers' windows (by start time) into the run's.
-pub fn merge<'a>(results: impl Iterator<Item = &'a WindowResult>) -> Vec<WindowFigures> {
-    let mut merged: BTreeMap<u64, (u64, Histogram<u32>, Histogram<u32>)> = BTreeMap::new();
+/// Merges the workers' windows of `width_ns` (by start time) into the run's.
+pub fn merge<'a>(
+    results: impl Iterator<Item = &'a WindowResult>,
+    width_ns: u64,
+) -> Vec<WindowFigures> {
+    let mut merged: BTreeMap<u64, (Histogram<u32>, Histogram<u32>)> = BTreeMap::new();
     for w in results {
-        let (_, read, socket) = merged
-            .entry(w.start_ns)
-            .or_insert_with(|| (w.width_ns, histogram(), histogram()));
+        let (read, socket) = merged
+            .entry(w.start_ns / width_ns.max(1))
+            .or_insert_with(|| (histogram(), histogram()));
         for &(v, n) in &w.read_us {
             let _ = read.record_n(v.max(1), n.min(u32::MAX as u64) as u32);
         }
@@ -122,9 +119,8 @@ pub fn merge<'a>(results: impl Iterator<Item = &'a WindowResult>) -> Vec<WindowF
     let first = merged.keys().next().copied().unwrap_or(0);
     merged
         .into_iter()
-        .map(|(start, (width, read, socket))| WindowFigures {
-            at_s: (start - first) as f64 / 1e9,
-            width_s: width as f64 / 1e9,
+        .map(|(index, (read, socket))| WindowFigures {
+            at_s: ((index - first) * width_ns) as f64 / 1e9,
             deliveries: read.len(),
             p99_ms: read.value_at_quantile(0.99) as f64 / 1e3,
             max_ms: read.max() as f64 / 1e3,
@@ -151,8 +147,8 @@ pub struct Summary {
 }
 
 /// Only windows with a fair number of deliveries count (an edge window with a handful of
-/// deliveries has no meaningful p99): at least a tenth of the average window's.
-pub fn summary(windows: &[WindowFigures]) -> Summary {
+/// deliveries has no meaningful p99): more than a tenth of the average window's.
+pub fn summary(windows: &[WindowFigures], width_ns: u64) -> Summary {
     let total: u64 = windows.iter().map(|w| w.deliveries).sum();
     let floor = total / (windows.len().max(1) as u64 * 10);
     let full: Vec<&WindowFigures> = windows.iter().filter(|w| w.deliveries > floor).collect();
@@ -167,7 +163,7 @@ pub fn summary(windows: &[WindowFigures]) -> Summary {
         .expect("not empty");
     Summary {
         windows: full.len(),
-        width_s: full[0].width_s,
+        width_s: width_ns as f64 / 1e9,
         over: full.iter().filter(|w| w.p99_ms > OVER_MS).count(),
         socket_over: full.iter().filter(|w| w.socket_p99_ms > OVER_MS).count(),
         median_p99_ms: p99s[p99s.len() / 2],
@@ -186,17 +182,18 @@ mod tests {
     fn a_stall_shows_as_its_windows_and_workers_merge_by_start() {
         // Two workers, 10 windows of 100 ms, 100 deliveries per window each: 0.2 ms late,
         // except window 4, where worker b's deliveries are 50 ms late.
-        let (mut a, mut b) = (Timeline::new(width_ns(1.0)), Timeline::new(width_ns(1.0)));
+        let width = width_ns(1.0);
+        let (mut a, mut b) = (Timeline::new(width), Timeline::new(width));
         let t0 = 1_700_000_000_000 * MS;
         for w in 0..10u64 {
             for k in 0..100u64 {
                 let sent = t0 + w * 100 * MS + k * MS;
-                a.record(sent, sent + MS / 5, Some(sent + MS / 10));
-                let late = if w == 4 { 50 * MS } else { MS / 5 };
-                b.record(sent, sent + late, Some(sent + late - MS / 10));
+                a.record(sent, 200, Some(100));
+                let late_us = if w == 4 { 50_000 } else { 200 };
+                b.record(sent, late_us, Some(late_us - 100));
             }
         }
-        let windows = merge(a.results().iter().chain(b.results().iter()));
+        let windows = merge(a.results().iter().chain(b.results().iter()), width);
         assert_eq!(windows.len(), 10);
         assert!(windows.iter().all(|w| w.deliveries == 200));
         assert_eq!(windows[4].at_s, 0.4);
@@ -210,7 +207,7 @@ mod tests {
             "{:?}",
             windows[3]
         );
-        let s = summary(&windows);
+        let s = summary(&windows, width);
         assert_eq!((s.windows, s.over, s.socket_over), (10, 1, 1));
         assert_eq!(s.worst_at_s, 0.4);
         assert!((0.19..0.21).contains(&s.median_p99_ms), "{s:?}");
@@ -224,15 +221,40 @@ mod tests {
         let mut t = Timeline::new(100 * MS);
         for w in 0..5u64 {
             for _ in 0..1000 {
-                t.record(w * 100 * MS, w * 100 * MS + MS / 2, None);
+                t.record(w * 100 * MS, 500, None);
             }
         }
         // One straggler window with a single, very late delivery.
-        t.record(5 * 100 * MS, 5 * 100 * MS + 900 * MS, None);
-        let windows = merge(t.results().iter());
+        t.record(5 * 100 * MS, 900_000, None);
+        let windows = merge(t.results().iter(), 100 * MS);
         assert_eq!(windows.len(), 6);
-        let s = summary(&windows);
+        let s = summary(&windows, 100 * MS);
         assert_eq!((s.windows, s.over, s.socket_over), (5, 0, 0));
         assert!(s.worst_p99_ms < 1.0, "{s:?}");
+    }
+
+    /// The two limits of `summary` at their edges: a window counts with more than a tenth of
+    /// the average window's deliveries, and is over with a p99 above `OVER_MS`, not at it.
+    #[test]
+    fn summary_limits_at_their_edges() {
+        let window = |deliveries, p99_ms| WindowFigures {
+            deliveries,
+            p99_ms,
+            ..WindowFigures::default()
+        };
+        // Four windows of 100 and one of x: the floor is (400 + x) / 50, 8 for x = 8 and 9.
+        let with = |x| {
+            let mut w = vec![window(100, 0.5); 4];
+            w.push(window(x, 0.5));
+            summary(&w, 100 * MS).windows
+        };
+        assert_eq!(with(8), 4, "8 deliveries is not more than the floor of 8");
+        assert_eq!(with(9), 5, "9 is");
+        let s = summary(
+            &[window(100, OVER_MS), window(100, OVER_MS + 0.001)],
+            100 * MS,
+        );
+        assert_eq!(s.over, 1, "{s:?}");
+        assert_eq!(s.width_s, 0.1);
     }
 }

@@ -341,9 +341,9 @@ fn result(shared: &Shared) -> WorkerResult {
 }
 
 /// A histogram's recorded (value, count) pairs, as the worker hands them to the parent.
-fn recorded(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+pub fn recorded<C: hdrhistogram::Counter>(h: &Histogram<C>) -> Vec<(u64, u64)> {
     h.iter_recorded()
-        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .map(|v| (v.value_iterated_to(), v.count_at_value().as_u64()))
         .collect()
 }
 
@@ -485,14 +485,13 @@ impl Shared {
     /// Records one message of connection `j`; true if it was engine.io's ping (answer "3").
     fn on_message(&self, j: usize, m: &[u8], arrived: Option<u64>) -> bool {
         if let Some((ts, n)) = self.markers(m) {
-            let now = now_ns();
-            let us = now.saturating_sub(ts) / 1000;
-            let _ = self.latency.borrow_mut().record(us.max(1));
-            self.timeline.borrow_mut().record(ts, now, arrived);
-            if let Some(arrived) = arrived {
-                let us = arrived.saturating_sub(ts) / 1000;
-                let _ = self.arrival.borrow_mut().record(us.max(1));
+            let read_us = (now_ns().saturating_sub(ts) / 1000).max(1);
+            let _ = self.latency.borrow_mut().record(read_us);
+            let socket_us = arrived.map(|at| (at.saturating_sub(ts) / 1000).max(1));
+            if let Some(us) = socket_us {
+                let _ = self.arrival.borrow_mut().record(us);
             }
+            self.timeline.borrow_mut().record(ts, read_us, socket_us);
             self.received.set(self.received.get() + 1);
             self.tracks.borrow_mut()[j].record(n);
             false
