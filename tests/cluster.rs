@@ -258,8 +258,9 @@ async fn a_node_listens_only_to_topics_its_clients_hold() {
     assert_eq!(ack["type"], "ack", "{ack}");
     wait_numsub(&redis, ch, 1).await;
     let took = unsubscribe_sent.elapsed();
+    // A flush (any batch) also sends lingers ending within a tenth of the linger.
     assert!(
-        took >= LINGER,
+        took >= LINGER * 9 / 10,
         "b unsubscribed after {took:?}, before the {LINGER:?} linger"
     );
 
@@ -328,7 +329,8 @@ async fn one_publication_costs_one_function_call_and_one_pubsub_delivery() {
             .filter(|(_, n)| *n > 0)
             .collect();
         // Exactly one PUBLISH and one INCR per publication: nothing else in the cluster runs
-        // either command, so these counts are exact.
+        // either command (`cluster_node_with` turns the `$sys` snapshots off), so these counts
+        // are exact.
         assert_eq!(delta.get("publish"), Some(&1), "PUBLISH calls: {delta:?}");
         assert_eq!(delta.get("incr"), Some(&1), "INCR calls: {delta:?}");
         rounds.push(delta);

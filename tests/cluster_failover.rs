@@ -25,24 +25,6 @@ async fn wait_readyz(addr: SocketAddr, status: u16) -> Value {
     .await
 }
 
-/// POSTs `body` to `path` on `addr` until it answers 200 (a node's pooled Redis connections may
-/// fail once after Redis restarted); returns the 200 body.
-async fn post_until_ok(addr: SocketAddr, path: &str, body: Value) -> Value {
-    eventually_some(&format!("POST {path} on {addr} answers 200"), || {
-        let body = body.clone();
-        async move {
-            let (status, reply) = post(addr, path, body).await;
-            if status == 200 {
-                Ok(reply)
-            } else {
-                assert_eq!(status, 503, "only UNAVAILABLE while redis is away: {reply}");
-                Err(format!("{status} {reply}"))
-            }
-        }
-    })
-    .await
-}
-
 /// Reads `client` until a publication of `topic` whose data has `key` arrives (skipping the
 /// background traffic); returns it.
 async fn read_until(client: &mut Client, topic: &str, key: &str) -> Value {

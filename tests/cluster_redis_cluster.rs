@@ -449,6 +449,12 @@ async fn the_whole_cluster_restarting_is_survived() {
         wait_ready(node.local_addr).await;
     }
     wait_shardnumsub(&cluster, &topic_ch("routes"), 1).await;
-    http_publish(a.local_addr, "routes", "route_update", json!({"n": 1})).await;
+    // Readiness is the subscription side; a pooled command connection may still fail once.
+    post_until_ok(
+        a.local_addr,
+        "/api/publish",
+        json!({"topic": "routes", "type": "route_update", "data": {"n": 1}}),
+    )
+    .await;
     expect_publication(&mut on_b, "routes", &json!({"n": 1})).await;
 }

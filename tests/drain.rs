@@ -154,8 +154,10 @@ async fn wait_states(
 }
 
 /// Asserts that `times` (one per client) are spread over the window rather than bunched: first
-/// and last at least `min_spread` apart, no more than a quarter of them in any 100 ms, and
-/// between a quarter and three quarters in the first half of the span.
+/// and last at least `min_spread` apart, no more than half of them in any 100 ms (sent at once,
+/// all would be; the receipt times are this side's, so a stall of a few hundred milliseconds
+/// on a loaded runner may bunch a few), and between a quarter and three quarters in the first
+/// half of the span.
 fn assert_spread(times: &[Instant], min_spread: Duration) {
     let first = *times.iter().min().expect("some notices");
     let last = *times.iter().max().expect("some notices");
@@ -175,7 +177,7 @@ fn assert_spread(times: &[Instant], min_spread: Duration) {
     }
     let crowded = per_bucket.values().copied().max().unwrap_or(0);
     assert!(
-        crowded <= (times.len() / 4).max(2),
+        crowded <= (times.len() / 2).max(3),
         "{crowded} of {} notices within 100 ms: {offsets:?} ms",
         times.len()
     );
@@ -566,13 +568,13 @@ async fn sigterm_drains_the_binary_over_its_window_and_it_exits_0() {
     bin.signal("TERM");
     let signalled = Instant::now();
     // Not ready at once (the first poll may still see 200 if the signal is not handled yet).
-    let mut polls = 0;
     while readyz(addr).await != 503 {
-        polls += 1;
-        assert!(polls < 50, "/readyz still 200 after SIGTERM");
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "/readyz still 200 after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(signalled.elapsed() < Duration::from_secs(1));
     // Alive, and the HTTP API still serves; new upgrades are refused.
     assert_eq!(get(addr, "/healthz").await.0, 200);
     let (status, body) = http(
@@ -655,12 +657,17 @@ async fn a_second_signal_ends_the_drain_at_once() {
     bin.signal("TERM");
     let signalled = Instant::now();
     while readyz(addr).await != 503 {
-        assert!(signalled.elapsed() < Duration::from_secs(1), "/readyz 200");
+        assert!(signalled.elapsed() < Duration::from_secs(2), "/readyz 200");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // One batch out of six is due at once, the next after 20/6 s.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let done = readers.iter().filter(|r| r.is_finished()).count();
+    // One batch out of six is due at once, the next after 20/6 s: wait for the first (well
+    // before the second is due), then check it was only the first.
+    let finished =
+        |readers: &[tokio::task::JoinHandle<_>]| readers.iter().filter(|r| r.is_finished()).count();
+    while finished(&readers) == 0 && signalled.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let done = finished(&readers);
     assert_eq!(
         done, 1,
         "only the first batch went before the second signal"

@@ -292,16 +292,20 @@ async fn bounded_by_the_namespace_size() {
     assert_eq!(seqs(&history(addr, "/api/history/other").await).len(), 8);
 }
 
+/// The history ttl of the `brief` namespace: long enough that the check before it expires
+/// (two publishes and a read) is done in time on a loaded runner.
+const BRIEF_TTL: Duration = Duration::from_secs(2);
+
 #[tokio::test]
 async fn bounded_by_age() {
-    let node = start_node(|s| with_history(s, "brief", 10, Duration::from_millis(300))).await;
+    let node = start_node(|s| with_history(s, "brief", 10, BRIEF_TTL)).await;
     let addr = node.local_addr;
     let epoch = publish_n(addr, "brief:t", 2).await;
     assert_eq!(
         seqs(&history(addr, "/api/history/brief:t").await),
         vec![1, 2]
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(BRIEF_TTL + Duration::from_millis(500)).await;
     let body = history(addr, &format!("/api/history/brief:t?since=0&epoch={epoch}")).await;
     assert_eq!((seqs(&body), &body["complete"]), (vec![], &json!(false)));
 }
@@ -311,7 +315,7 @@ async fn bounded_by_age() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_bounded_by_age_on_a_quiet_topic() {
     let redis = RedisServer::start();
-    let brief = |s: &mut Settings| with_history(s, "brief", 10, Duration::from_millis(300));
+    let brief = |s: &mut Settings| with_history(s, "brief", 10, BRIEF_TTL);
     let a = cluster_node_with(&[redis.url()], "a", brief).await;
     wait_ready(a.local_addr).await;
     let epoch = publish_n(a.local_addr, "brief:t", 2).await;
@@ -319,7 +323,7 @@ async fn redis_bounded_by_age_on_a_quiet_topic() {
         seqs(&history(a.local_addr, "/api/history/brief:t").await),
         vec![1, 2]
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(BRIEF_TTL + Duration::from_millis(500)).await;
     let body = history(
         a.local_addr,
         &format!("/api/history/brief:t?since=0&epoch={epoch}"),

@@ -571,16 +571,25 @@ async fn slow_consumer_is_disconnected_and_others_get_every_message() {
 // Idle timeout.
 // ---------------------------------------------------------------------------------------------
 
+/// The heartbeat tests' ping period and idle timeout: the timeout is ten pings, so a stall of a
+/// few hundred milliseconds on a loaded runner neither cuts off a client that answers nor
+/// leaves too few pings to count.
+const HEARTBEAT: Duration = Duration::from_millis(200);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[tokio::test]
 async fn client_that_never_answers_pings_is_closed_4002() {
     let node = start_node(|s| {
-        s.ws.heartbeat_interval = Duration::from_millis(100);
-        s.ws.idle_timeout = Duration::from_millis(500);
+        s.ws.heartbeat_interval = HEARTBEAT;
+        s.ws.idle_timeout = IDLE_TIMEOUT;
     })
     .await;
     let mut raw = RawWs::connect(node.local_addr, "/ws").await;
     let hello = raw.expect_type("connection").await;
-    assert_eq!(hello["data"]["heartbeatInterval"], 100);
+    assert_eq!(
+        hello["data"]["heartbeatInterval"],
+        HEARTBEAT.as_millis() as u64
+    );
     let mut pings = 0;
     let close = loop {
         let f = raw
@@ -613,13 +622,13 @@ async fn client_that_never_answers_pings_is_closed_4002() {
 #[tokio::test]
 async fn client_that_answers_pings_outlives_the_idle_timeout() {
     let node = start_node(|s| {
-        s.ws.heartbeat_interval = Duration::from_millis(100);
-        s.ws.idle_timeout = Duration::from_millis(500);
+        s.ws.heartbeat_interval = HEARTBEAT;
+        s.ws.idle_timeout = IDLE_TIMEOUT;
     })
     .await;
     let mut raw = RawWs::connect(node.local_addr, "/ws").await;
     raw.expect_type("connection").await;
-    let until = Instant::now() + Duration::from_millis(1200);
+    let until = Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1);
     let mut pongs = 0;
     while Instant::now() < until {
         let f = raw.read_frame().await.expect("connection stays open");

@@ -202,8 +202,6 @@ async fn a_dead_nodes_share_comes_back_after_its_lease() {
     let n1 = admission(&server, "n1", 50, 8, ttl);
     let n2 = admission(&server, "n2", 50, 8, ttl);
     let n3 = admission(&server, "n3", 50, 8, ttl);
-    let _keep_n2 = n2.spawn_maintenance();
-    let _keep_n3 = n3.spawn_maintenance();
     while n1.reserve_block().await.expect("reserve") {}
     assert_eq!(n1.slots().limit(), 50);
     assert!(
@@ -224,7 +222,9 @@ async fn a_dead_nodes_share_comes_back_after_its_lease() {
     assert!(!stored_reservations(&server).iter().any(|(n, _)| n == "n1"));
 
     // Renewed leases outlive their TTL: n2 and n3 keep their shares (all in use, so there is
-    // no surplus to give back) for several TTLs.
+    // no surplus to give back) for several TTLs. Maintenance starts only once every slot is in
+    // use: a tick before that would rightly give the unused surplus back (each reserve above
+    // wrote a fresh lease, so nothing lapses meanwhile).
     let mut held = Vec::new();
     for node in [&n2, &n3] {
         while let Some(slot) = node.slots().try_acquire() {
@@ -232,6 +232,8 @@ async fn a_dead_nodes_share_comes_back_after_its_lease() {
         }
     }
     assert_eq!(held.len(), 50);
+    let _keep_n2 = n2.spawn_maintenance();
+    let _keep_n3 = n3.spawn_maintenance();
     sleep(ttl * 3).await;
     let n4 = admission(&server, "n4", 50, 8, ttl);
     assert!(
@@ -428,6 +430,9 @@ async fn a_node_that_stops_heartbeating_disappears_with_its_presence() {
     let p2 = presence(vec![pool(&server)], "n2", ttl);
     let _beat = p1.spawn_heartbeat(|| (1, 1));
     p2.heartbeat(1, 2).await.expect("heartbeat");
+    // n2 keeps beating until it is dropped below: the steps up to there may take longer than
+    // one ttl on a loaded runner.
+    let _beat2 = p2.spawn_heartbeat(|| (1, 2));
 
     p1.user_online("alice").await.expect("online");
     p1.user_online("bob").await.expect("online");

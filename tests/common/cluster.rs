@@ -39,6 +39,9 @@ pub async fn cluster_node_with(
         s.node_id = id;
         s.redis.linger = LINGER;
         s.redis.lease_ttl = LEASE_TTL;
+        // No `$sys` snapshots (every 2 s by default, each a PUBLISH and an INCR through Redis)
+        // unless a test asks for them: tests count Redis commands and deliveries.
+        s.sys.interval = Duration::ZERO;
         tweak(s);
     })
     .await
@@ -187,6 +190,24 @@ pub async fn http_publish(addr: SocketAddr, topic: &str, kind: &str, data: Value
     .await;
     assert_eq!(status, 200, "publish on {addr}: {body}");
     body
+}
+
+/// POSTs `body` to `path` on `addr` until it answers 200 (a node's pooled Redis connections may
+/// fail once after Redis restarted); returns the 200 body.
+pub async fn post_until_ok(addr: SocketAddr, path: &str, body: Value) -> Value {
+    eventually_some(&format!("POST {path} on {addr} answers 200"), || {
+        let body = body.clone();
+        async move {
+            let (status, reply) = super::post(addr, path, body).await;
+            if status == 200 {
+                Ok(reply)
+            } else {
+                assert_eq!(status, 503, "only UNAVAILABLE while redis is away: {reply}");
+                Err(format!("{status} {reply}"))
+            }
+        }
+    })
+    .await
 }
 
 /// Reads the next message and checks it is a publication of `topic` with `data`.

@@ -119,6 +119,15 @@ impl RedisBroker {
             })
         };
         let cluster = settings.redis.cluster;
+        // The node's own channels live on the first shard (or the cluster): subscribed by the
+        // first connection, before the node reports ready.
+        let node_channels = || {
+            vec![
+                keys::BROADCAST_CHANNEL.to_string(),
+                keys::CONTROL_CHANNEL.to_string(),
+                keys::node_channel(&node_id),
+            ]
+        };
         let mut shards = Vec::with_capacity(settings.redis_urls.len());
         if cluster && !settings.redis_urls.is_empty() {
             let commands = Commands::cluster(&settings.redis_urls)
@@ -126,6 +135,7 @@ impl RedisBroker {
             let subscriber = Subscriber::start(
                 SubscriberConfig {
                     linger: settings.redis.linger,
+                    channels: node_channels(),
                     ..SubscriberConfig::cluster(settings.redis_urls.clone())
                 },
                 handler(),
@@ -145,6 +155,11 @@ impl RedisBroker {
             let subscriber = Subscriber::start(
                 SubscriberConfig {
                     linger: settings.redis.linger,
+                    channels: if shards.is_empty() {
+                        node_channels()
+                    } else {
+                        Vec::new()
+                    },
                     ..SubscriberConfig::new(url.as_str())
                 },
                 handler(),
@@ -157,13 +172,6 @@ impl RedisBroker {
         let Some(first) = shards.first() else {
             return Err(BrokerError::Unavailable("no redis URL configured".into()));
         };
-        for channel in [
-            keys::BROADCAST_CHANNEL.to_string(),
-            keys::CONTROL_CHANNEL.to_string(),
-            keys::node_channel(&node_id),
-        ] {
-            first.subscriber.add(channel);
-        }
 
         let admission = ClusterAdmission::new(
             first.commands.clone(),

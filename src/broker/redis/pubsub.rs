@@ -149,6 +149,11 @@ pub struct SubscriberConfig {
     pub linger: Duration,
     /// The longest reconnect delay (before jitter).
     pub max_backoff: Duration,
+    /// Channels wanted from the start, as if `add`ed once before the actor ran: the first
+    /// connection subscribes them before the subscriber reports ready. (An `add` right after
+    /// [`Subscriber::start`] could lose the race to a fast first connection, which would then
+    /// report ready without them for a round trip.)
+    pub channels: Vec<String>,
 }
 
 impl SubscriberConfig {
@@ -195,6 +200,7 @@ impl Default for SubscriberConfig {
             cluster_nodes: Vec::new(),
             linger: Duration::from_secs(2),
             max_backoff: Duration::from_secs(5),
+            channels: Vec::new(),
         }
     }
 }
@@ -250,7 +256,8 @@ impl Subscriber {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared::default());
-        let actor = Actor {
+        let initial = config.channels.clone();
+        let mut actor = Actor {
             config,
             handler,
             shared: shared.clone(),
@@ -270,6 +277,9 @@ impl Subscriber {
             resync_at: None,
             probe: None,
         };
+        for channel in initial {
+            actor.apply(Command::Add(channel));
+        }
         tokio::spawn(actor.run(shutdown_rx));
         Subscriber {
             inner: Arc::new(Inner {
