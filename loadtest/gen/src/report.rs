@@ -442,7 +442,7 @@ pub fn compare(reports: &[Report], ratios: bool) -> String {
             "lower is better",
         ),
         (
-            "windows with p99 over 2 ms",
+            timeline::OVER_ROW,
             |r| r.timeline_summary.over as f64,
             "lower is better",
         ),

@@ -27,6 +27,8 @@ const MIN_WIDTH_NS: u64 = 100_000_000;
 const MAX_WINDOWS: f64 = 300.0;
 /// The latency the target names: windows whose p99 is above it are counted.
 pub const OVER_MS: f64 = 2.0;
+/// The `compare` row of [`Summary::over`]; it names [`OVER_MS`] (a test keeps the two together).
+pub const OVER_ROW: &str = "windows with p99 over 2 ms";
 
 /// The window width for a run that publishes for `seconds`.
 pub fn width_ns(seconds: f64) -> u64 {
@@ -256,5 +258,10 @@ mod tests {
         );
         assert_eq!(s.over, 1, "{s:?}");
         assert_eq!(s.width_s, 0.1);
+    }
+
+    #[test]
+    fn the_compare_row_names_the_threshold() {
+        assert_eq!(OVER_ROW, format!("windows with p99 over {OVER_MS} ms"));
     }
 }
