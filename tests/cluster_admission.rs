@@ -390,7 +390,8 @@ async fn a_killed_node_gives_its_share_back_within_the_lease_ttl() {
     let mut per_node = [0usize; 2];
     let mut first_at = None;
     // The lease lapses after LEASE_TTL; the rest is room for a dozen handshakes and admission
-    // round trips on a loaded runner. (The time it took is printed below; no speed is asserted.)
+    // round trips on a loaded runner: a bound on "comes back at all", not a speed figure (the
+    // time it took is printed below).
     let deadline = LEASE_TTL + Duration::from_secs(5);
     let mut i = 0;
     while taken.len() < MAX {

@@ -153,6 +153,18 @@ async fn wait_states(
     }
 }
 
+/// Polls `/readyz` on `addr` until it answers 503 (draining); panics if that takes longer than
+/// `within` after `signalled` (the first poll may still see 200 if the signal is not handled yet).
+async fn wait_draining(addr: SocketAddr, signalled: Instant, within: Duration) {
+    while readyz(addr).await != 503 {
+        assert!(
+            signalled.elapsed() < within,
+            "/readyz still 200 {within:?} after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Asserts that `times` (one per client) are spread over the window rather than bunched: first
 /// and last at least `min_spread` apart, no more than half of them in any 100 ms (sent at once,
 /// all would be; the receipt times are this side's, so a stall of a few hundred milliseconds
@@ -567,14 +579,7 @@ async fn sigterm_drains_the_binary_over_its_window_and_it_exits_0() {
 
     bin.signal("TERM");
     let signalled = Instant::now();
-    // Not ready at once (the first poll may still see 200 if the signal is not handled yet).
-    while readyz(addr).await != 503 {
-        assert!(
-            signalled.elapsed() < Duration::from_secs(5),
-            "/readyz still 200 after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_draining(addr, signalled, Duration::from_secs(5)).await;
     // Alive, and the HTTP API still serves; new upgrades are refused.
     assert_eq!(get(addr, "/healthz").await.0, 200);
     let (status, body) = http(
@@ -656,10 +661,8 @@ async fn a_second_signal_ends_the_drain_at_once() {
     }
     bin.signal("TERM");
     let signalled = Instant::now();
-    while readyz(addr).await != 503 {
-        assert!(signalled.elapsed() < Duration::from_secs(2), "/readyz 200");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Well before the second batch is due (below).
+    wait_draining(addr, signalled, Duration::from_secs(2)).await;
     // One batch out of six is due at once, the next after 20/6 s: wait for the first (well
     // before the second is due), then check it was only the first.
     let finished =

@@ -26,11 +26,17 @@ fn recorder() -> (MessageHandler, Received) {
 }
 
 fn start(url: String) -> (Subscriber, Received) {
+    start_with(url, Vec::new())
+}
+
+/// [`start`], with `channels` wanted from the start (`SubscriberConfig::channels`).
+fn start_with(url: String, channels: Vec<String>) -> (Subscriber, Received) {
     let (handler, received) = recorder();
     let config = SubscriberConfig {
         url,
         linger: LINGER,
         max_backoff: Duration::from_millis(500),
+        channels,
         ..SubscriberConfig::default()
     };
     (Subscriber::start(config, handler), received)
@@ -93,16 +99,10 @@ async fn add_publish_then_remove_after_linger() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_given_at_start_are_subscribed_before_it_is_ready() {
     let server = RedisServer::start();
-    let (handler, received) = recorder();
     let channels = ["wsgate:broadcast", "wsgate:node:{n1}"];
-    let sub = Subscriber::start(
-        SubscriberConfig {
-            url: server.url(),
-            linger: LINGER,
-            channels: channels.iter().map(|c| c.to_string()).collect(),
-            ..SubscriberConfig::default()
-        },
-        handler,
+    let (sub, received) = start_with(
+        server.url(),
+        channels.iter().map(|c| c.to_string()).collect(),
     );
     eventually("ready", || sub.is_ready()).await;
     // Read after readiness, which is set only once the confirmed set holds the first batch.
@@ -243,9 +243,11 @@ async fn a_backlog_of_many_batches_loses_nothing() {
     sub.shutdown();
 }
 
-/// How long Redis holds every command in `a_burst_of_subscribes_is_batched`: far longer than
-/// queueing 500 notes takes, far shorter than the actor's response timeout (5 s).
-const HOLD: &str = "1000";
+/// Makes Redis hold every client's commands for a second (`CLIENT PAUSE 1000 ALL`): far longer
+/// than queueing 500 notes takes, far shorter than the actor's response timeout (5 s).
+fn hold_commands(server: &RedisServer) {
+    assert_eq!(server.cli(&["CLIENT", "PAUSE", "1000", "ALL"]), "OK");
+}
 
 /// Notes that queue while a command is in flight go out together in the next one. Redis is
 /// paused (`CLIENT PAUSE ... ALL`) around each burst, so the burst is sure to outrun the actor:
@@ -262,7 +264,7 @@ async fn a_burst_of_subscribes_is_batched() {
     let channels: Vec<String> = (0..500)
         .map(|i| format!("wsgate:t:{{burst-{i}}}"))
         .collect();
-    assert_eq!(server.cli(&["CLIENT", "PAUSE", HOLD, "ALL"]), "OK");
+    hold_commands(&server);
     for ch in &channels {
         sub.add(ch.clone());
     }
@@ -277,7 +279,7 @@ async fn a_burst_of_subscribes_is_batched() {
 
     // Removing them all is batched too. The removes queue behind a SUBSCRIBE held by the
     // pause, so they are applied in at most two groups, and each group's lingers end together.
-    assert_eq!(server.cli(&["CLIENT", "PAUSE", HOLD, "ALL"]), "OK");
+    hold_commands(&server);
     sub.add("wsgate:t:{burst-held}".to_string());
     for ch in &channels {
         sub.remove(ch.clone());

@@ -119,15 +119,13 @@ impl RedisBroker {
             })
         };
         let cluster = settings.redis.cluster;
-        // The node's own channels live on the first shard (or the cluster): subscribed by the
-        // first connection, before the node reports ready.
-        let node_channels = || {
-            vec![
-                keys::BROADCAST_CHANNEL.to_string(),
-                keys::CONTROL_CHANNEL.to_string(),
-                keys::node_channel(&node_id),
-            ]
-        };
+        // The node's own channels go to the first subscriber started (the cluster's, or the
+        // first shard's): its first connection subscribes them before the node reports ready.
+        let mut node_channels = Some(vec![
+            keys::BROADCAST_CHANNEL.to_string(),
+            keys::CONTROL_CHANNEL.to_string(),
+            keys::node_channel(&node_id),
+        ]);
         let mut shards = Vec::with_capacity(settings.redis_urls.len());
         if cluster && !settings.redis_urls.is_empty() {
             let commands = Commands::cluster(&settings.redis_urls)
@@ -135,7 +133,7 @@ impl RedisBroker {
             let subscriber = Subscriber::start(
                 SubscriberConfig {
                     linger: settings.redis.linger,
-                    channels: node_channels(),
+                    channels: node_channels.take().unwrap_or_default(),
                     ..SubscriberConfig::cluster(settings.redis_urls.clone())
                 },
                 handler(),
@@ -155,11 +153,7 @@ impl RedisBroker {
             let subscriber = Subscriber::start(
                 SubscriberConfig {
                     linger: settings.redis.linger,
-                    channels: if shards.is_empty() {
-                        node_channels()
-                    } else {
-                        Vec::new()
-                    },
+                    channels: node_channels.take().unwrap_or_default(),
                     ..SubscriberConfig::new(url.as_str())
                 },
                 handler(),

@@ -252,11 +252,11 @@ impl Subscriber {
     /// Starts the actor; it connects in the background (does not fail if Redis is down: it retries).
     ///
     /// Must be called within a Tokio runtime.
-    pub fn start(config: SubscriberConfig, handler: MessageHandler) -> Subscriber {
+    pub fn start(mut config: SubscriberConfig, handler: MessageHandler) -> Subscriber {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared::default());
-        let initial = config.channels.clone();
+        let initial = std::mem::take(&mut config.channels);
         let mut actor = Actor {
             config,
             handler,
